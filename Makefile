@@ -1,0 +1,31 @@
+# Two entry points: `make demo` and `make test`. Both create .venv and install into it first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch goes in first, pinned, so that nothing that depends on it can pull a CUDA build on CPU machines.
+TORCH  ?= torch==2.13.0
+DEMO   := out/demo
+
+.PHONY: install demo test bench clean
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev,train]"
+	touch $@
+
+demo: install
+	$(BIN)/avatar orbit --avatar tiny --frames 48 --out $(DEMO)/orbit.json
+	$(BIN)/avatar render --avatar tiny --sequence $(DEMO)/orbit.json --sampler ddim --steps 8 --out $(DEMO)/orbit.mp4
+	@echo "demo video: $(abspath $(DEMO)/orbit.mp4)"
+
+test: install
+	$(BIN)/python -m pytest -q -ra tests
+
+bench: install
+	$(BIN)/avatar bench --avatar tiny --device cpu --steps 4,20
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,26 @@
+"""DiffusionAvatars inference engine: `Avatar` (the model) and `Renderer` (frames), plus geometry and formats."""
+
+from .config import AvatarConfig, from_preset
+from .errors import AvatarError, BackendError, CheckpointError, ConfigError, FormatError, InputError
+
+__all__ = [
+    "Avatar", "AvatarConfig", "AvatarError", "BackendError", "Camera", "CheckpointError", "ConfigError",
+    "FormatError", "Frame", "InputError", "Mesh", "Renderer", "from_preset", "rasterize",
+]
+
+
+def __getattr__(name):
+    # Lazy so that `import engine` (and the CLI's --help) stays fast and torch-free until needed.
+    if name == "Avatar":
+        from .model import Avatar
+        return Avatar
+    if name in ("Renderer", "Frame"):
+        from . import renderer
+        return getattr(renderer, name)
+    if name in ("Camera", "Mesh"):
+        from . import geometry
+        return getattr(geometry, name)
+    if name == "rasterize":
+        from .raster import rasterize
+        return rasterize
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -1,0 +1,123 @@
+"""The `avatar` command: parses arguments, calls the library, prints. Every subcommand has --help."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import AvatarError
+
+AVATAR_HELP = "a preset (tiny, sd21), an avatar shipped with the package, or an avatar folder"
+
+
+def _add_render_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="reference", help="frame backend (default: reference)")
+    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="sampler (default: ddpm, the release's)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps, 1..50 (default: 20)")
+    p.add_argument("--seed", type=int, default=None, help="fixed-noise seed (default: the avatar's, 181998)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="float32 (fidelity reference) or a half type under autocast (default: float32)")
+    p.add_argument("--raster", default="torch", choices=["torch", "nvdiffrast"], help="rasteriser (default: torch)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="avatar", description="DiffusionAvatars inference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("render", help="render a sequence file to an mp4 or a folder of PNG frames")
+    p.add_argument("--avatar", required=True, help=AVATAR_HELP)
+    p.add_argument("--sequence", required=True, help="sequence file (JSON; `avatar orbit` writes one)")
+    p.add_argument("--out", required=True, help="OUT.mp4 for a video, anything else is a folder of PNG frames")
+    p.add_argument("--alpha", action="store_true", help="RGBA PNG frames with the head mask as alpha")
+    p.add_argument("--fps", type=int, default=24, help="video frame rate (default: 24)")
+    _add_render_options(p)
+
+    p = sub.add_parser("info", help="describe an avatar: config, parameter counts, channel layout")
+    p.add_argument("--avatar", required=True, help=AVATAR_HELP)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("orbit", help="write a default sequence: camera orbit + expression sweep")
+    p.add_argument("--avatar", required=True, help=AVATAR_HELP)
+    p.add_argument("--frames", type=int, default=48, help="number of frames (default: 48)")
+    p.add_argument("--out", required=True, help="sequence file to write (JSON)")
+    p.add_argument("--distance", type=float, default=1.0, help="camera distance in metres (default: 1.0)")
+    p.add_argument("--yaw", type=float, default=30.0, help="orbit half-angle in degrees (default: 30)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random expression walk for unnamed codes")
+
+    from benchmarks.bench import add_arguments as add_bench_arguments
+
+    p = sub.add_parser("bench", help="time each stage of a frame and the frame rate, per backend")
+    add_bench_arguments(p)
+    return parser
+
+
+def cmd_render(args) -> None:
+    from tqdm import tqdm
+
+    from .avatars import load_avatar
+    from .renderer import Renderer
+    from .sequence import read_sequence
+    from .video import FrameWriter
+
+    frames = read_sequence(args.sequence)
+    renderer = Renderer(load_avatar(args.avatar, device=args.device), device=args.device, sampler=args.sampler,
+                        steps=args.steps, seed=args.seed, dtype=args.dtype, raster_backend=args.raster,
+                        backend=args.backend)
+    with FrameWriter(args.out, fps=args.fps, alpha=args.alpha) as writer:
+        for image in tqdm(renderer.stream(frames, alpha=args.alpha), total=len(frames), desc="render", unit="frame"):
+            writer.write(image)
+    print(f"wrote {len(frames)} frames to {Path(args.out).resolve()}")
+
+
+def cmd_info(args) -> None:
+    from .avatars import describe, load_avatar
+
+    info = describe(load_avatar(args.avatar, device="meta"))
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return
+    c = info["config"]
+    print(f"avatar {c['name']}: {c['image_size']}x{c['image_size']} pixels, latent {info['latent_shape']}")
+    print(f"conditioning: {info['condition_channels']} channels = "
+          + " + ".join(f"{name} {n}" for name, n in info["channel_layout"]))
+    print(f"expression: {c['expression_dim']} values -> {info['expression_tokens'][0]} tokens x "
+          f"{info['expression_tokens'][1]}" + (f" ({', '.join(c['expression_names'])})" if c["expression_names"] else ""))
+    print("parameters:")
+    for name, n in info["parameters"].items():
+        print(f"  {name:<24} {n / 1e6:10.3f} M")
+    print(f"expression attention ({len(info['expression_attention'])} blocks):")
+    for path in info["expression_attention"]:
+        print(f"  {path}")
+    print(f"head model: {c['head_model']}")
+
+
+def cmd_orbit(args) -> None:
+    from .avatars import load_avatar
+    from .sequence import orbit, write_sequence
+
+    config = load_avatar(args.avatar, device="meta").config
+    frames = orbit(config, frames=args.frames, distance=args.distance, yaw_deg=args.yaw, seed=args.seed)
+    path = write_sequence(args.out, frames, expression_names=config.expression_names)
+    print(f"wrote {len(frames)} frames to {path.resolve()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "bench":
+            from benchmarks.bench import run as run_bench
+
+            run_bench(args)
+        else:
+            {"render": cmd_render, "info": cmd_info, "orbit": cmd_orbit}[args.command](args)
+    except AvatarError as e:
+        print(f"avatar {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""`AvatarConfig`: everything that fixes an avatar's shapes, plus its presets.
+
+Plain frozen dataclasses, JSON round-trippable (`to_dict` / `from_dict`), knowing nothing of torch modules.
+Conventions (channel order, ranges, schedule) come from `shared/design/model.md`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+CONFIG_VERSION = 1
+
+# The 8 ARKit-named dimensions of the `tiny` preset and of the synthetic rig.
+ARKIT8 = (
+    "jawOpen",
+    "mouthSmileLeft",
+    "mouthSmileRight",
+    "browInnerUp",
+    "eyeBlinkLeft",
+    "eyeBlinkRight",
+    "mouthPucker",
+    "cheekPuff",
+)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Keyword arguments of diffusers' `UNet2DConditionModel` (and of the ControlNet built from it)."""
+
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    layers_per_block: int = 2
+    # diffusers' SD 2.x configs call the number of heads `attention_head_dim` (head width is 64).
+    attention_head_dim: tuple[int, ...] = (5, 10, 20, 20)
+    cross_attention_dim: int = 1024
+    norm_num_groups: int = 32
+    use_linear_projection: bool = True
+    upcast_attention: bool = True
+
+    def diffusers_kwargs(self, sample_size: int) -> dict[str, Any]:
+        return dict(
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=self.block_out_channels,
+            down_block_types=self.down_block_types,
+            up_block_types=self.up_block_types,
+            layers_per_block=self.layers_per_block,
+            attention_head_dim=self.attention_head_dim,
+            cross_attention_dim=self.cross_attention_dim,
+            norm_num_groups=self.norm_num_groups,
+            use_linear_projection=self.use_linear_projection,
+            upcast_attention=self.upcast_attention,
+        )
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Keyword arguments of diffusers' `AutoencoderKL`, plus the latent scaling factor."""
+
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def diffusers_kwargs(self, sample_size: int) -> dict[str, Any]:
+        n = len(self.block_out_channels)
+        return dict(
+            sample_size=sample_size,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=self.block_out_channels,
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+            layers_per_block=self.layers_per_block,
+            latent_channels=self.latent_channels,
+            norm_num_groups=self.norm_num_groups,
+            scaling_factor=self.scaling_factor,
+        )
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The noise schedule of model.md: v-prediction, scaled-linear betas rescaled to zero terminal SNR."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "v_prediction"
+    rescale_betas_zero_snr: bool = True
+    timestep_spacing: str = "trailing"
+
+    def __post_init__(self):
+        if self.prediction_type not in ("v_prediction", "epsilon"):
+            raise ConfigError(f"prediction_type {self.prediction_type!r} is unknown; use 'v_prediction' or 'epsilon'")
+        if self.rescale_betas_zero_snr and self.prediction_type == "epsilon":
+            raise ConfigError(
+                "zero terminal SNR cannot be paired with epsilon prediction (the last step's epsilon carries no "
+                "signal); use prediction_type='v_prediction' or rescale_betas_zero_snr=False"
+            )
+        if self.beta_schedule not in ("scaled_linear", "linear"):
+            raise ConfigError(f"beta_schedule {self.beta_schedule!r} is unknown; use 'scaled_linear' or 'linear'")
+        if self.timestep_spacing not in ("trailing", "leading", "linspace"):
+            raise ConfigError(
+                f"timestep_spacing {self.timestep_spacing!r} is unknown; use 'trailing', 'leading' or 'linspace'"
+            )
+
+
+@dataclass(frozen=True)
+class ConditioningConfig:
+    """The conditioning image: which channels, their normalisation ranges, the neural textures' size."""
+
+    canonical_dims: int = 5  # 3 canonical xyz (+ 2 ambient when 5)
+    texture_resolution: int = 512
+    texture_channels: int = 16
+    canonical_min: tuple[float, float, float] = (-1.0, -1.0, -1.5)
+    canonical_max: tuple[float, float, float] = (1.0, 1.0, 0.5)
+    ambient_min: tuple[float, float] = (-0.2, -0.2)
+    ambient_max: tuple[float, float] = (0.2, 0.2)
+    depth_max: float = 2.0  # depth in [0, depth_max] maps to [-1, 1]
+    znear: float = 0.1
+    zfar: float = 2.0
+
+    def __post_init__(self):
+        if self.canonical_dims not in (3, 5):
+            raise ConfigError(f"canonical_dims must be 3 or 5 (xyz, or xyz + 2 ambient), got {self.canonical_dims}")
+        if self.texture_resolution < 1 or self.texture_channels < 1:
+            raise ConfigError("texture_resolution and texture_channels must be positive")
+        if not 0 < self.znear < self.zfar:
+            raise ConfigError(f"need 0 < znear < zfar, got znear={self.znear}, zfar={self.zfar}")
+
+    @property
+    def has_ambient(self) -> bool:
+        return self.canonical_dims == 5
+
+    def channel_layout(self) -> tuple[tuple[str, int], ...]:
+        """The conditioning image's channel groups in order, as (name, count)."""
+        c = self.texture_channels
+        layout = [("depth", 1), ("canonical", 3), ("normals", 3)]
+        if self.has_ambient:
+            layout.append(("ambient", 2))
+        layout += [("plane_xy", c), ("plane_xz", c), ("plane_yz", c)]
+        if self.has_ambient:
+            layout.append(("ambient_map", c))
+        return tuple(layout)
+
+    @property
+    def channels(self) -> int:
+        return sum(n for _, n in self.channel_layout())
+
+
+@dataclass(frozen=True)
+class AvatarConfig:
+    """Everything that fixes an avatar's shapes. `from_preset(name)` gives the shipped presets."""
+
+    name: str = "sd21"
+    image_size: int = 512
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    conditioning_embedding_channels: tuple[int, ...] = (16, 32, 96, 256)
+    expression_dim: int = 206  # NPHM expression (200) + FLAME eyes (6)
+    expression_names: tuple[str, ...] | None = None
+    expression_tokens: int = 4
+    prompt_length: int = 77
+    head_model: str = "builtin:head"  # see engine.heads.load_head_model
+    noise_seed: int = 181998  # the release's fixed seed: same initial latent and step noise every frame
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self):
+        if self.image_size % self.vae.downsample:
+            raise ConfigError(f"image_size {self.image_size} must be a multiple of the VAE's {self.vae.downsample}")
+        if 2 ** (len(self.conditioning_embedding_channels) - 1) != self.vae.downsample:
+            raise ConfigError(
+                f"the conditioning embedding {self.conditioning_embedding_channels} downsamples by "
+                f"{2 ** (len(self.conditioning_embedding_channels) - 1)}, the VAE by {self.vae.downsample}: "
+                "give it one entry more than the VAE has downsampling steps"
+            )
+        if self.expression_names is not None and len(self.expression_names) != self.expression_dim:
+            raise ConfigError(
+                f"expression_names has {len(self.expression_names)} names for a {self.expression_dim}-value code"
+            )
+        if self.expression_dim < 1 or self.expression_tokens < 1:
+            raise ConfigError("expression_dim and expression_tokens must be positive")
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.vae.downsample
+
+    @property
+    def condition_channels(self) -> int:
+        return self.conditioning.channels
+
+    @property
+    def token_dim(self) -> int:
+        return self.unet.cross_attention_dim
+
+    # -- JSON -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AvatarConfig":
+        if not isinstance(d, dict):
+            raise ConfigError("an avatar config must be a JSON object")
+        version = d.get("version", CONFIG_VERSION)
+        if version > CONFIG_VERSION:
+            raise ConfigError(
+                f"avatar config version {version} is newer than this engine's ({CONFIG_VERSION}); upgrade the engine"
+            )
+        return _build(cls, d)
+
+    def replace(self, **changes) -> "AvatarConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _build(cls, d: dict[str, Any]):
+    """Build a (nested) config dataclass from plain JSON values; unknown keys are an error."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(fields)
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no field(s) {sorted(unknown)}; remove them from the config")
+    kwargs = {}
+    for name, value in d.items():
+        if name in _NESTED:
+            kwargs[name] = _build(_NESTED[name], value)
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"invalid {cls.__name__}: {e}") from e
+
+
+_NESTED = {"unet": UNetConfig, "vae": VAEConfig, "schedule": ScheduleConfig, "conditioning": ConditioningConfig}
+
+
+def _tiny() -> AvatarConfig:
+    return AvatarConfig(
+        name="tiny",
+        image_size=128,
+        unet=UNetConfig(
+            block_out_channels=(32, 64, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=1,
+            attention_head_dim=(2, 4, 4),
+            cross_attention_dim=32,
+            norm_num_groups=8,
+        ),
+        vae=VAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8),
+        conditioning=ConditioningConfig(texture_resolution=64, texture_channels=16),
+        conditioning_embedding_channels=(16, 16, 32, 32),
+        expression_dim=len(ARKIT8),
+        expression_names=ARKIT8,
+        prompt_length=8,
+    )
+
+
+PRESETS = {"sd21": AvatarConfig, "tiny": _tiny}
+
+
+def from_preset(name: str) -> AvatarConfig:
+    """The config of a named preset (`sd21`, `tiny`)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()

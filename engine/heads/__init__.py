@@ -1,0 +1,109 @@
+"""Head models: an expression code -> a posed `Mesh` with per-vertex canonical coordinates.
+
+`load_head_model(spec, root)` builds one from a spec string, `kind[:argument]`, through a registry that later
+modules extend with `register_head_model(kind, factory)`:
+- `"builtin:head"`: `StaticHead` of `builtin_head_mesh()`.
+- `"mesh:<file.npz>"`: `StaticHead` of a mesh file (`Mesh.save` format), relative to `root` (the avatar folder).
+- `"none"`: no head model (returns None), for avatars driven by pre-rendered buffers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+
+from ..errors import ConfigError
+from ..geometry import Mesh
+from .builtin import builtin_head_mesh
+
+
+@runtime_checkable
+class HeadModel(Protocol):
+    """Anything with a `name` and `posed_mesh(expression [E] float32) -> Mesh`."""
+
+    name: str
+
+    def posed_mesh(self, expression: torch.Tensor) -> Mesh: ...
+
+
+class StaticHead:
+    """A head model that ignores the expression and returns its one fixed mesh (normals precomputed)."""
+
+    def __init__(self, mesh: Mesh, name: str = "static"):
+        if not isinstance(mesh, Mesh):
+            raise ConfigError(f"StaticHead needs a Mesh, got {type(mesh).__name__}")
+        if mesh.normals is None:
+            mesh = Mesh(mesh.vertices, mesh.faces, mesh.canonical, normals=mesh.vertex_normals())
+        self.mesh = mesh
+        self.name = name
+
+    def posed_mesh(self, expression: torch.Tensor | None = None) -> Mesh:
+        return self.mesh
+
+    def to(self, device: torch.device | str) -> "StaticHead":
+        """This head with its mesh on `device` (moved once, not per frame)."""
+        return StaticHead(self.mesh.to(device), self.name)
+
+    def __repr__(self) -> str:
+        return f"StaticHead(name={self.name!r}, mesh={self.mesh!r})"
+
+
+# kind -> factory(argument, root) -> HeadModel | None
+HeadFactory = Callable[[str, "Path | None"], "HeadModel | None"]
+_REGISTRY: dict[str, HeadFactory] = {}
+
+
+def register_head_model(kind: str, factory: HeadFactory) -> None:
+    """Make `load_head_model("<kind>[:argument]")` call `factory(argument, root)`. Re-registering replaces."""
+    if not kind or ":" in kind or kind != kind.strip():
+        raise ConfigError(f"a head model kind must be a non-empty name without ':' or spaces, got {kind!r}")
+    _REGISTRY[kind] = factory
+
+
+def head_model_kinds() -> list[str]:
+    """The registered kinds (plus 'none')."""
+    return sorted([*_REGISTRY, "none"])
+
+
+def load_head_model(spec: str, root: Path | str | None = None) -> HeadModel | None:
+    """The head model named by `spec` (`kind[:argument]`, see the module docstring); `root` resolves relative
+    file arguments (the avatar folder; the working directory when None). `"none"` gives None."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"a head model spec must be a non-empty string like 'builtin:head', got {spec!r}")
+    spec = spec.strip()
+    if spec == "none":
+        return None
+    kind, _, arg = spec.partition(":")
+    if kind not in _REGISTRY:
+        raise ConfigError(f"unknown head model {spec!r}: kind {kind!r} is not one of {head_model_kinds()}")
+    return _REGISTRY[kind](arg, None if root is None else Path(root))
+
+
+def _builtin(arg: str, root: Path | None) -> HeadModel:
+    if arg != "head":
+        raise ConfigError(f"unknown built-in head {arg!r}; the built-in head model is 'builtin:head'")
+    return StaticHead(builtin_head_mesh(), name="builtin:head")
+
+
+def _mesh_file(arg: str, root: Path | None) -> HeadModel:
+    if not arg:
+        raise ConfigError("'mesh:' needs a file, e.g. 'mesh:head.npz' (relative to the avatar folder)")
+    path = Path(arg)
+    if not path.is_absolute() and root is not None:
+        path = root / path
+    return StaticHead(Mesh.load(path), name=f"mesh:{arg}")
+
+
+register_head_model("builtin", _builtin)
+register_head_model("mesh", _mesh_file)
+
+__all__ = [
+    "HeadModel",
+    "StaticHead",
+    "builtin_head_mesh",
+    "load_head_model",
+    "register_head_model",
+    "head_model_kinds",
+]

@@ -1,0 +1,127 @@
+"""Rasterisation: mesh + camera -> `RasterBuffers` (per-pixel mask, depth, canonical coordinates, normals).
+
+`rasterize(mesh, camera, backend="torch")` picks a backend by name from `BACKENDS`:
+- `"torch"` (`torch_raster.py`): the reference, pure PyTorch, any device, exact z-buffer.
+- `"nvdiffrast"` (`nvdiffrast_raster.py`): NVIDIA's CUDA rasteriser; needs `pip install diffrp-nvdiffrast` and a
+  mesh on a CUDA device.
+Both follow the projection of `engine.geometry` (model.md "Projection") and give the same buffers up to triangle
+edges (each rasteriser has its own edge rule) and float rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ..errors import ConfigError, InputError
+from ..geometry import Camera, Mesh
+
+
+@dataclass
+class RasterBuffers:
+    """Per-pixel G-buffers, NHWC float32, all on one device. Row 0 is the image's top.
+
+    - `mask` [B, H, W, 1]: 1.0 where a triangle covers the pixel centre, 0.0 on the background.
+    - `depth` [B, H, W, 1]: clip-space z before the divide by w (-znear at Z = znear ... zfar at Z = zfar; see
+      `engine.geometry`), 0 off the mesh.
+    - `canonical` [B, H, W, D], D = 3 or 5: perspective-correct interpolated canonical coordinates (xyz, + 2 ambient
+      when D = 5), 0 off the mesh.
+    - `normals` [B, H, W, 3]: world-space vertex normals interpolated, then renormalised to unit length; 0 off the
+      mesh.
+    """
+
+    mask: torch.Tensor
+    depth: torch.Tensor
+    canonical: torch.Tensor
+    normals: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def height(self) -> int:
+        return self.mask.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.mask.device
+
+    @property
+    def canonical_dims(self) -> int:
+        return self.canonical.shape[-1]
+
+    @property
+    def xyz(self) -> torch.Tensor:
+        """[B, H, W, 3] canonical xyz."""
+        return self.canonical[..., :3]
+
+    @property
+    def ambient(self) -> torch.Tensor | None:
+        """[B, H, W, 2] ambient coordinates, or None for 3-D canonical coordinates."""
+        return self.canonical[..., 3:5] if self.canonical_dims == 5 else None
+
+    def to(self, device: torch.device | str) -> "RasterBuffers":
+        return RasterBuffers(*(getattr(self, k).to(device) for k in ("mask", "depth", "canonical", "normals")))
+
+    @classmethod
+    def cat(cls, buffers: Sequence["RasterBuffers"]) -> "RasterBuffers":
+        """Concatenate along the batch axis; every entry must have the same H, W, D and device."""
+        buffers = list(buffers)
+        if not buffers:
+            raise InputError("RasterBuffers.cat needs at least one RasterBuffers")
+        first = buffers[0]
+        for i, b in enumerate(buffers[1:], 1):
+            if (b.height, b.width, b.canonical_dims) != (first.height, first.width, first.canonical_dims):
+                raise InputError(
+                    f"RasterBuffers.cat: entry {i} is {b.height}x{b.width} with D={b.canonical_dims}, entry 0 is "
+                    f"{first.height}x{first.width} with D={first.canonical_dims}; rasterize all at one size"
+                )
+            if b.device != first.device:
+                raise InputError(f"RasterBuffers.cat: entry {i} is on {b.device}, entry 0 on {first.device}")
+        return cls(*(torch.cat([getattr(b, k) for b in buffers]) for k in ("mask", "depth", "canonical", "normals")))
+
+
+def _torch_backend(mesh: Mesh, camera: Camera, znear: float, zfar: float) -> RasterBuffers:
+    from .torch_raster import rasterize_torch
+
+    return rasterize_torch(mesh, camera, znear, zfar)
+
+
+def _nvdiffrast_backend(mesh: Mesh, camera: Camera, znear: float, zfar: float) -> RasterBuffers:
+    from .nvdiffrast_raster import rasterize_nvdiffrast
+
+    return rasterize_nvdiffrast(mesh, camera, znear, zfar)
+
+
+# The one registry of backends: name -> fn(mesh, camera, znear, zfar) -> RasterBuffers.
+BACKENDS: dict[str, Callable[[Mesh, Camera, float, float], RasterBuffers]] = {
+    "torch": _torch_backend,
+    "nvdiffrast": _nvdiffrast_backend,
+}
+
+
+def rasterize(
+    mesh: Mesh, camera: Camera, backend: str = "torch", znear: float = 0.1, zfar: float = 2.0
+) -> RasterBuffers:
+    """Rasterise `mesh` as seen by `camera` into `camera.height` x `camera.width` buffers (B = 1) on the mesh's
+    device. Fragments with camera depth Z outside [znear, zfar] are discarded; there is no back-face culling."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown raster backend {backend!r}; choose one of {sorted(BACKENDS)}")
+    if not isinstance(mesh, Mesh) or not isinstance(camera, Camera):
+        raise InputError(
+            f"rasterize expects (Mesh, Camera), got ({type(mesh).__name__}, {type(camera).__name__})"
+        )
+    from ..geometry import _check_clip_range
+
+    _check_clip_range(float(znear), float(zfar))
+    return BACKENDS[backend](mesh, camera, float(znear), float(zfar))
+
+
+__all__ = ["RasterBuffers", "rasterize", "BACKENDS"]

@@ -1,0 +1,71 @@
+"""Frame sinks: an mp4 (H.264 through imageio-ffmpeg) or a folder of PNG frames, written whole or not at all."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import InputError
+
+
+class FrameWriter:
+    """`with FrameWriter("out.mp4") as w: w.write(rgb)`; a path without `.mp4` is a folder of `00000.png` frames.
+
+    The video goes to a temp file renamed into place on success; PNG frames go to a temp folder that replaces
+    the target folder on success. On error nothing half-written is left behind.
+    """
+
+    def __init__(self, path: str | Path, fps: int = 24, alpha: bool = False):
+        self.path = Path(path)
+        self.fps, self.alpha, self.count = fps, alpha, 0
+        self.video = self.path.suffix.lower() == ".mp4"
+        if self.video and alpha:
+            raise InputError("mp4 has no alpha channel; write PNG frames (an --out folder) to keep alpha")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.video:
+            import imageio.v2 as imageio
+
+            fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.stem}.", suffix=".mp4")
+            os.close(fd)
+            self._writer = imageio.get_writer(self._tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                                              ffmpeg_log_level="error")
+        else:
+            self._tmp = tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+
+    def write(self, image: np.ndarray) -> None:
+        """Append one frame [H, W, 3] (or [H, W, 4] with alpha) uint8."""
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise InputError(f"frames must be uint8 [H, W, 3|4], got {image.dtype} {image.shape}")
+        if self.video:
+            self._writer.append_data(image[..., :3])
+        else:
+            Image.fromarray(image).save(Path(self._tmp) / f"{self.count:05d}.png")
+        self.count += 1
+
+    def __enter__(self) -> "FrameWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.video:
+            self._writer.close()
+        try:
+            if exc_type is None:
+                self._commit()
+        finally:
+            if Path(self._tmp).is_dir():
+                shutil.rmtree(self._tmp, ignore_errors=True)
+            else:
+                Path(self._tmp).unlink(missing_ok=True)
+
+    def _commit(self) -> None:
+        if not self.video and self.path.exists():
+            # a folder of earlier PNG frames may be replaced; anything else is the user's and stays
+            if not (self.path.is_dir() and all(p.suffix == ".png" for p in self.path.iterdir())):
+                raise InputError(f"--out {self.path} exists and is not a folder of PNG frames; choose a new path")
+            shutil.rmtree(self.path)
+        os.replace(self._tmp, self.path)

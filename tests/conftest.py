@@ -1,0 +1,12 @@
+import pytest
+import torch
+
+# Bit-identical CPU reruns need a fixed thread count; 2 matches CI's machine.
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_avatar():
+    from engine.model import Avatar
+
+    return Avatar.from_preset("tiny", seed=0, init="random").eval().requires_grad_(False)

@@ -1,0 +1,144 @@
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from engine.config import ARKIT8, from_preset
+from engine.errors import ConfigError, InputError
+from engine.init import tensor_seed, uniform_like
+from engine.model import Avatar
+
+
+def _inputs(avatar, batch=2, seed=0):
+    c = avatar.config
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(batch, 4, c.latent_size, c.latent_size, generator=g)
+    condition = torch.rand(batch, c.condition_channels, c.image_size, c.image_size, generator=g) * 2 - 1
+    codes = torch.rand(batch, c.expression_dim, generator=g)
+    return latent, torch.tensor(999), condition, avatar.expression_tokens(codes)
+
+
+def test_sd21_structure_on_meta_allocates_nothing():
+    with torch.device("meta"):
+        avatar = Avatar.from_preset("sd21")
+    assert all(p.is_meta for p in avatar.parameters()) and avatar.is_meta
+    counts = avatar.parameter_counts()
+    assert counts["unet"] == 865_910_724  # SD 2.1's UNet, without the expression layers
+    assert round(counts["controlnet"] / 1e6, 1) == 364.2
+    assert round(counts["vae_decoder"] / 1e6, 1) == 49.5
+    assert counts["expression_projection"] == 206 * 4 * 1024 + 4 * 1024
+    assert counts["textures"] == 4 * 16 * 512 * 512
+    assert sum(counts.values()) == sum(p.numel() for p in avatar.parameters())
+    paths = avatar.expression_attention_paths()
+    assert len(paths) == 15 and not any(p.startswith("mid_block") for p in paths)
+    assert avatar.config.condition_channels == 73 == avatar.controlnet.config.conditioning_channels
+    assert avatar.prompt_embedding.shape == (1, 77, 1024)
+    # the head model is real data, not meta, and no part of the weights
+    assert not avatar.head_model.mesh.vertices.is_meta
+    assert not any(k.startswith("head_model") for k in avatar.state_dict())
+
+
+def test_unknown_preset_and_init():
+    with pytest.raises(ConfigError, match="nope"):
+        Avatar.from_preset("nope")
+    with pytest.raises(ConfigError, match="init"):
+        Avatar.from_preset("tiny", init="zeros")
+
+
+def test_seeded_init_is_reproducible_and_seed_dependent():
+    a, b, c = (Avatar.from_preset("tiny", seed=s).state_dict() for s in (0, 0, 1))
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    differs = [k for k in a if not torch.equal(a[k], c[k])]
+    # only tensors that the rule fills with a constant (norm weights) are the same for every seed
+    assert len(differs) > 0.5 * len(a)
+    assert "unet.conv_in.weight" in differs and "textures.planes" in differs
+
+
+def test_seeded_init_golden_values():
+    # Guards "the same weights on every machine and torch version": these numbers must never change.
+    assert tensor_seed(0, "unet.conv_in.weight") == 6327086168987985609
+    torch.testing.assert_close(
+        uniform_like((4,), 1.0, 0, "x"), torch.tensor([0.2342, 1.5269, -0.3282, -1.7096]), rtol=0, atol=1e-4
+    )
+    values = uniform_like((100_000,), 2.0, 0, "y")
+    assert abs(values.std().item() - 2.0) < 0.02 and abs(values.mean().item()) < 0.02
+
+
+def test_random_init_is_not_degenerate(tiny_avatar):
+    avatar = tiny_avatar
+    assert avatar.controlnet.controlnet_mid_block.weight.abs().mean() > 0
+    path = avatar.expression_attention_paths()[0]
+    assert avatar.unet.get_submodule(path)._expression_attention.to_out[0].weight.abs().mean() > 0
+    latent, t, condition, tokens = _inputs(avatar)
+    with torch.no_grad():
+        v = avatar.predict(latent, t, condition, tokens)
+        assert v.shape == latent.shape and torch.isfinite(v).all() and 0.05 < v.std() < 20
+        other_code = avatar.predict(latent, t, condition, tokens.flip(0))
+        other_condition = avatar.predict(latent, t, condition.flip(0), tokens)
+        image = avatar.decode(latent)
+    assert (v - other_code).abs().mean() > 1e-3 * v.abs().mean()
+    assert (v - other_condition).abs().mean() > 1e-3 * v.abs().mean()
+    assert image.shape == (2, 3, 128, 128) and torch.isfinite(image).all()
+    assert (image.abs() < 1).float().mean() > 0.5  # not saturated at +-1 everywhere
+    assert image.std() > 0.05
+
+
+def test_training_init_is_the_release_start():
+    avatar = Avatar.from_preset("tiny", init="training", seed=3)
+    cn, unet = avatar.controlnet, avatar.unet
+    assert torch.equal(cn.down_blocks[0].resnets[0].conv1.weight, unet.down_blocks[0].resnets[0].conv1.weight)
+    assert torch.equal(cn.mid_block.attentions[0].proj_in.weight, unet.mid_block.attentions[0].proj_in.weight)
+    assert torch.equal(cn.time_embedding.linear_1.weight, unet.time_embedding.linear_1.weight)
+    assert not any(p.any() for m in (cn.controlnet_down_blocks, cn.controlnet_mid_block) for p in m.parameters())
+    assert not cn.controlnet_cond_embedding.conv_out.weight.any()  # diffusers' zero_module, as from_unet
+    assert cn.controlnet_cond_embedding.conv_in.weight.any()
+    for path in avatar.expression_attention_paths():
+        block = unet.get_submodule(path)
+        assert torch.equal(block._expression_attention.to_v.weight, block.attn2.to_v.weight)
+        assert not block._expression_attention.to_out[0].weight.any()
+
+    # so predict is the plain UNet on the empty prompt, whatever the condition and code
+    plain = UNet2DConditionModel(**avatar.config.unet.diffusers_kwargs(avatar.config.latent_size)).eval()
+    plain.load_state_dict({k: v for k, v in unet.state_dict().items() if "_expression_attention" not in k})
+    latent, t, condition, tokens = _inputs(avatar)
+    with torch.no_grad():
+        got = avatar.predict(latent, t, condition, tokens)
+        want = plain(latent, t, encoder_hidden_states=avatar.prompt_embedding.expand(2, -1, -1)).sample
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_expression_tokens(tiny_avatar):
+    avatar = tiny_avatar
+    code = torch.linspace(0, 1, 8)
+    tokens = avatar.expression_tokens(code)
+    assert tokens.shape == (1, 4, 32) and tokens.dtype == torch.float32
+    want = (code @ avatar.expression_proj.weight.T + avatar.expression_proj.bias).view(1, 4, 32)
+    torch.testing.assert_close(tokens, want)
+    assert avatar.expression_tokens(torch.stack([code, code.flip(0)])).shape == (2, 4, 32)
+    with pytest.raises(InputError, match=r"7 values, avatar 'tiny' expects 8 \(jawOpen, mouthSmileLeft"):
+        avatar.expression_tokens(torch.zeros(7))
+    with pytest.raises(InputError, match="NaN or Inf"):
+        avatar.expression_tokens(torch.tensor([float("nan")] + [0.0] * 7))
+    with pytest.raises(InputError, match="expects 8"):
+        avatar.expression_tokens(torch.zeros(2, 2, 8))
+    assert avatar.config.expression_names == ARKIT8
+
+
+def test_predict_and_decode_reject_bad_shapes(tiny_avatar):
+    avatar = tiny_avatar
+    latent, t, condition, tokens = _inputs(avatar)
+    with pytest.raises(InputError, match="condition must be"):
+        avatar.predict(latent, t, condition[:, :9], tokens)
+    with pytest.raises(InputError, match="tokens must be"):
+        avatar.predict(latent, t, condition, tokens[:1])
+    with pytest.raises(InputError, match="latent must be"):
+        avatar.predict(latent[:, :3], t, condition, tokens)
+    with pytest.raises(InputError, match="timestep"):
+        avatar.predict(latent, torch.tensor([1, 2, 3]), condition, tokens)
+    with pytest.raises(InputError, match="decode needs"):
+        avatar.decode(latent[0])
+
+
+def test_head_model_spec_none():
+    avatar = Avatar(from_preset("tiny").replace(head_model="none"))
+    assert avatar.head_model is None
