@@ -60,11 +60,7 @@ def _check_finite(t: torch.Tensor, name: str, fix: str) -> None:
 
 def _scalar(v: Any) -> Any:
     """A one-element tensor or array as a Python number; anything else unchanged."""
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
-        return v.item()
-    if isinstance(v, np.ndarray) and v.size == 1:
-        return v.item()
-    return v
+    return v.item() if isinstance(v, (torch.Tensor, np.ndarray)) and math.prod(v.shape) == 1 else v
 
 
 def _check_clip_range(znear: float, zfar: float) -> None:
@@ -104,16 +100,12 @@ class Camera:
         Rd = R.double()
         ortho_err = float((Rd @ Rd.T - torch.eye(3, dtype=torch.float64)).abs().max())
         if ortho_err > 1e-4:
-            raise InputError(
-                f"Camera.R is not a rotation (|R R^T - I| = {ortho_err:.2e} > 1e-4); pass an orthonormal matrix "
-                "(e.g. from Rodrigues or Camera.look_at), not a scaled or sheared one"
-            )
+            raise InputError(f"Camera.R is not a rotation (|R R^T - I| = {ortho_err:.2e} > 1e-4); pass an orthonormal "
+                             "matrix (e.g. from Rodrigues or Camera.look_at), not a scaled or sheared one")
         det = float(torch.linalg.det(Rd))
         if det < 0:
-            raise InputError(
-                f"Camera.R has determinant {det:.3f} (a reflection); negate one axis so that det(R) = +1 "
-                "(OpenCV axes: x right, y down, z forward)"
-            )
+            raise InputError(f"Camera.R has determinant {det:.3f} (a reflection); negate one axis so that det(R) = +1 "
+                             "(OpenCV axes: x right, y down, z forward)")
         values = {"R": R, "t": t}
         for name in ("fx", "fy", "cx", "cy"):
             v = _scalar(getattr(self, name))
@@ -134,18 +126,9 @@ class Camera:
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def look_at(
-        cls,
-        eye: Sequence[float] = (0.0, 0.0, 1.0),
-        target: Sequence[float] = (0.0, 0.0, 0.0),
-        up: Sequence[float] = (0.0, 1.0, 0.0),
-        *,
-        width: int = 512,
-        height: int = 512,
-        fov_deg: float = 20.0,
-        fx: float | None = None,
-        fy: float | None = None,
-        cx: float | None = None,
-        cy: float | None = None,
+        cls, eye: Sequence[float] = (0.0, 0.0, 1.0), target: Sequence[float] = (0.0, 0.0, 0.0),
+        up: Sequence[float] = (0.0, 1.0, 0.0), *, width: int = 512, height: int = 512, fov_deg: float = 20.0,
+        fx: float | None = None, fy: float | None = None, cx: float | None = None, cy: float | None = None,
     ) -> "Camera":
         """A camera at `eye` (world, metres) looking at `target`, with world `up` (default +y) up in the image.
 
@@ -173,44 +156,20 @@ class Camera:
             if not 0 < fov_deg < 180:
                 raise InputError(f"look_at: fov_deg must be in (0, 180), got {fov_deg}")
             fx = 0.5 * width / math.tan(math.radians(fov_deg) / 2)
-        return cls(
-            R=R,
-            t=t,
-            fx=fx,
-            fy=fx if fy is None else fy,
-            cx=(width - 1) / 2 if cx is None else cx,
-            cy=(height - 1) / 2 if cy is None else cy,
-            width=width,
-            height=height,
-        )
+        return cls(R=R, t=t, fx=fx, fy=fx if fy is None else fy, cx=(width - 1) / 2 if cx is None else cx,
+                   cy=(height - 1) / 2 if cy is None else cy, width=width, height=height)
 
     def scaled(self, width: int, height: int) -> "Camera":
         """The same camera rendering a `width` x `height` image (intrinsics scaled, pixel edges kept aligned)."""
         sx, sy = width / self.width, height / self.height
-        return Camera(
-            R=self.R,
-            t=self.t,
-            fx=self.fx * sx,
-            fy=self.fy * sy,
-            cx=(self.cx + 0.5) * sx - 0.5,
-            cy=(self.cy + 0.5) * sy - 0.5,
-            width=width,
-            height=height,
-        )
+        return Camera(R=self.R, t=self.t, fx=self.fx * sx, fy=self.fy * sy, cx=(self.cx + 0.5) * sx - 0.5,
+                      cy=(self.cy + 0.5) * sy - 0.5, width=width, height=height)
 
     # -- JSON ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: lists and plain numbers."""
-        return {
-            "R": self.R.tolist(),
-            "t": self.t.tolist(),
-            "fx": self.fx,
-            "fy": self.fy,
-            "cx": self.cx,
-            "cy": self.cy,
-            "width": self.width,
-            "height": self.height,
-        }
+        return {"R": self.R.tolist(), "t": self.t.tolist(), "fx": self.fx, "fy": self.fy, "cx": self.cx,
+                "cy": self.cy, "width": self.width, "height": self.height}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Camera":
@@ -279,10 +238,8 @@ class Camera:
 
     def __repr__(self) -> str:
         c = [round(float(x), 4) for x in self.center]
-        return (
-            f"Camera(center={c}, fx={self.fx:.2f}, fy={self.fy:.2f}, cx={self.cx:.2f}, cy={self.cy:.2f}, "
-            f"size={self.width}x{self.height})"
-        )
+        return (f"Camera(center={c}, fx={self.fx:.2f}, fy={self.fy:.2f}, cx={self.cx:.2f}, cy={self.cy:.2f}, "
+                f"size={self.width}x{self.height})")
 
 
 @dataclass(frozen=True, eq=False)
@@ -304,12 +261,12 @@ class Mesh:
     def __post_init__(self):
         v = _as_tensor(self.vertices, "Mesh.vertices", torch.float32)
         dev = v.device
-        f = _as_tensor(self.faces, "Mesh.faces", torch.int64, dev) if not _is_float_array(self.faces) else None
-        if f is None:
-            ff = _as_tensor(self.faces, "Mesh.faces", torch.float64, dev)
-            if not bool((ff == ff.round()).all()):
-                raise InputError("Mesh.faces must hold integer vertex indices, got non-integer values")
-            f = ff.to(torch.int64)
+        is_float = self.faces.dtype.is_floating_point if isinstance(self.faces, torch.Tensor) else (
+            np.asarray(self.faces).dtype.kind == "f")
+        f = _as_tensor(self.faces, "Mesh.faces", torch.float64 if is_float else torch.int64, dev)
+        if is_float and not bool((f == f.round()).all()):
+            raise InputError("Mesh.faces must hold integer vertex indices, got non-integer values")
+        f = f.to(torch.int64)
         c = _as_tensor(self.canonical, "Mesh.canonical", torch.float32, dev)
         n = None if self.normals is None else _as_tensor(self.normals, "Mesh.normals", torch.float32, dev)
         if v.ndim != 2 or v.shape[1] != 3:
@@ -323,15 +280,13 @@ class Mesh:
             raise InputError("the mesh has no faces; pass at least one triangle")
         fmax, fmin = int(f.max()), int(f.min())
         if fmax >= V:
-            raise InputError(
-                f"faces index vertex {fmax} but the mesh has {V} vertices; faces must be 0-based indices below {V}"
-            )
+            raise InputError(f"faces index vertex {fmax} but the mesh has {V} vertices; "
+                             f"faces must be 0-based indices below {V}")
         if fmin < 0:
             raise InputError(f"faces hold a negative index ({fmin}); faces must be 0-based indices in [0, {V})")
         if c.ndim != 2 or c.shape[1] not in (3, 5):
-            raise InputError(
-                f"Mesh.canonical must have shape [V, 3] or [V, 5] (xyz, or xyz + 2 ambient), got {list(c.shape)}"
-            )
+            raise InputError(f"Mesh.canonical must have shape [V, 3] or [V, 5] (xyz, or xyz + 2 ambient), "
+                             f"got {list(c.shape)}")
         if c.shape[0] != V:
             raise InputError(f"Mesh.canonical has {c.shape[0]} rows but the mesh has {V} vertices; give one per vertex")
         if n is not None and n.shape != (V, 3):
@@ -368,10 +323,8 @@ class Mesh:
         return self.vertices.device
 
     def __repr__(self) -> str:
-        return (
-            f"Mesh(V={self.num_vertices}, F={self.num_faces}, canonical_dims={self.canonical_dims}, "
-            f"normals={'given' if self.normals is not None else 'computed'}, device={self.device})"
-        )
+        return (f"Mesh(V={self.num_vertices}, F={self.num_faces}, canonical_dims={self.canonical_dims}, "
+                f"normals={'given' if self.normals is not None else 'computed'}, device={self.device})")
 
     # -- geometry --------------------------------------------------------------------------------
     def vertex_normals(self) -> torch.Tensor:
@@ -387,9 +340,8 @@ class Mesh:
         Only shapes are checked (no host sync): this is the per-frame path of head models.
         """
         if vertices.shape != self.vertices.shape:
-            raise InputError(
-                f"with_vertices: expected vertices {list(self.vertices.shape)}, got {list(vertices.shape)}"
-            )
+            raise InputError(f"with_vertices: expected vertices {list(self.vertices.shape)}, "
+                             f"got {list(vertices.shape)}")
         if normals is not None and normals.shape != self.vertices.shape:
             raise InputError(f"with_vertices: expected normals {list(self.vertices.shape)}, got {list(normals.shape)}")
         vertices = vertices.to(device=self.device, dtype=torch.float32)
@@ -409,18 +361,12 @@ class Mesh:
         if path.suffix != ".npz":
             raise InputError(f"mesh files are .npz; got {path.name!r}, name it e.g. {path.stem}.npz")
         path.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {
-            "version": np.int64(MESH_FORMAT_VERSION),
-            "vertices": self.vertices.detach().cpu().numpy().astype(np.float32),
-            "faces": self.faces.detach().cpu().numpy().astype(np.int64),
-            "canonical": self.canonical.detach().cpu().numpy().astype(np.float32),
-        }
-        if self.normals is not None:
-            arrays["normals"] = self.normals.detach().cpu().numpy().astype(np.float32)
+        tensors = {"vertices": self.vertices, "faces": self.faces, "canonical": self.canonical, "normals": self.normals}
+        arrays = {k: t.detach().cpu().numpy() for k, t in tensors.items() if t is not None}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz.tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
+                np.savez(fh, version=np.int64(MESH_FORMAT_VERSION), **arrays)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -440,33 +386,17 @@ class Mesh:
             raise FormatError(f"mesh file {str(path)!r} is not a readable .npz ({e}); rewrite it with Mesh.save") from e
         missing = [k for k in ("vertices", "faces", "canonical") if k not in data]
         if missing:
-            raise FormatError(
-                f"mesh file {str(path)!r} lacks {missing} (has {sorted(data)}); a mesh .npz holds vertices [V,3], "
-                "faces [F,3] and canonical [V,3|5]"
-            )
+            raise FormatError(f"mesh file {str(path)!r} lacks {missing} (has {sorted(data)}); a mesh .npz holds "
+                              "vertices [V,3], faces [F,3] and canonical [V,3|5]")
         version = int(data["version"]) if "version" in data else MESH_FORMAT_VERSION
         if version > MESH_FORMAT_VERSION:
-            raise FormatError(
-                f"mesh file {str(path)!r} has format version {version}, newer than this engine's "
-                f"({MESH_FORMAT_VERSION}); upgrade the engine"
-            )
+            raise FormatError(f"mesh file {str(path)!r} has format version {version}, newer than this engine's "
+                              f"({MESH_FORMAT_VERSION}); upgrade the engine")
         try:
-            return cls(
-                vertices=torch.from_numpy(np.asarray(data["vertices"], dtype=np.float32)).to(device),
-                faces=torch.from_numpy(np.asarray(data["faces"]).astype(np.int64)).to(device),
-                canonical=torch.from_numpy(np.asarray(data["canonical"], dtype=np.float32)).to(device),
-                normals=None
-                if "normals" not in data
-                else torch.from_numpy(np.asarray(data["normals"], dtype=np.float32)).to(device),
-            )
+            mesh = cls(data["vertices"], data["faces"], data["canonical"], data.get("normals"))
         except InputError as e:
             raise FormatError(f"mesh file {str(path)!r} holds an invalid mesh: {e}") from e
-
-
-def _is_float_array(x: Any) -> bool:
-    if isinstance(x, torch.Tensor):
-        return x.dtype.is_floating_point
-    return np.asarray(x).dtype.kind == "f"
+        return mesh.to(device)
 
 
 def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:

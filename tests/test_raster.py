@@ -265,6 +265,14 @@ def test_builtin_head_buffers_are_sane():
     assert (m != m.flip(1)).float().mean() < 0.01
 
 
+def test_identical_inputs_give_bit_identical_buffers():
+    head = builtin_head_mesh(3)
+    cam = Camera.look_at(eye=(0.4, 0.1, 0.9), width=96, height=80)
+    a, b = rasterize(head, cam), rasterize(head, cam)
+    for k in ("mask", "depth", "canonical", "normals"):
+        assert torch.equal(getattr(a, k), getattr(b, k)), k
+
+
 def test_timing_sanity_20k_triangles_at_256():
     head = builtin_head_mesh(5)  # 20,480 triangles
     assert head.num_faces == 20480

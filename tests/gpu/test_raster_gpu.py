@@ -1,10 +1,10 @@
 """nvdiffrast vs the torch reference rasteriser, on a CUDA device (skipped without one or without nvdiffrast).
 
-Tolerances (measured on an H200: max abs errors up to 2.4e-7 depth, 3.6e-6 canonical, 3e-6 normals):
+Tolerances (measured on an H200 at 256 and 512: max abs errors up to 2.4e-7 depth, 4e-6 canonical, 1.2e-5 normals):
 - mask: may differ only on edge pixels (pixels whose 3 x 3 neighbourhood is not all one value in either mask),
   and on under 1% of the image;
 - interior pixels (covered, not edge, in both): at least 97% pick the same triangle in both backends (measured
-  98.8% on the head, 99.7% on the random mesh). The rest lie within a few hundredths of a pixel of a triangle edge:
+  98.8-99.4% on the head, 99.7% on the random mesh). The rest lie within a few hundredths of a pixel of a triangle edge:
   nvdiffrast snaps vertices to a sub-pixel grid, the reference does not; values there still agree to ~1e-4 across
   shared edges, and differ only where the two faces are different surfaces (occlusion boundaries, intersections);
 - where both pick the same triangle: depth (clip z) within 1e-5, canonical coordinates within 3e-5 and normals
@@ -73,9 +73,10 @@ def _compare(mesh: Mesh, cam: Camera):
         assert report[k] <= tol, f"{k}: max abs error {report[k]:.2e} > {tol}"
 
 
-@pytest.mark.parametrize("eye", [(0.0, 0.0, 1.0), (0.7, 0.25, 0.7)])
-def test_builtin_head_matches_reference(eye):
-    _compare(builtin_head_mesh(), Camera.look_at(eye=eye, width=256, height=256))
+@pytest.mark.parametrize("eye, size", [((0.0, 0.0, 1.0), 256), ((0.7, 0.25, 0.7), 256), ((0.0, 0.0, 1.0), 512),
+                                       ((-0.5, -0.2, 0.85), 512)])
+def test_builtin_head_matches_reference(eye, size):
+    _compare(builtin_head_mesh(), Camera.look_at(eye=eye, width=size, height=size))
 
 
 def test_random_mesh_matches_reference():
