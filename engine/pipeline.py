@@ -3,8 +3,8 @@
     host     pose the mesh, stage it in pinned memory, enqueue everything below, return   (frame n + 1)
     upload   geometry host -> device into this slot's buffers                              event upload[k]
     raster   expression tokens, rasterise, condition -> this slot's condition/tokens      event raster[k]
-    compute  slot -> the backend (the compiled backend: static inputs + one graph replay)  events cond_free[k], compute[k]
-             -> this slot's output pixels
+    compute  slot -> the backend (compiled: static inputs + one graph replay) -> this      events cond_free[k],
+             slot's output pixels                                                          compute[k]
     copy     output pixels -> this slot's pinned host buffer                               event copy[k]
 
 Slot k = n % depth. With depth 2 the host submits frame n + 1 before it waits for frame n, so frame n + 1's
@@ -47,6 +47,7 @@ class FrameRecord:
     latency_ms: float
     host_ms: float
     faces: int
+    t_done: float = 0.0  # time.perf_counter() when the pixels were in host memory
     gpu_ms: dict[str, float] = field(default_factory=dict)
     graph_ms: dict | None = None
 
@@ -73,7 +74,8 @@ class MeshBuffers:
         shapes = {"vertices": ((cv, 3), torch.float32), "canonical": ((cv, d), torch.float32),
                   "normals": ((cv, 3), torch.float32), "faces": ((cf, 3), self.faces_dtype)}
         self._buffers = {
-            name: (torch.empty(shape, dtype=dtype, pin_memory=self.pin), torch.empty(shape, dtype=dtype, device=self.device))
+            name: (torch.empty(shape, dtype=dtype, pin_memory=self.pin),
+                   torch.empty(shape, dtype=dtype, device=self.device))
             for name, (shape, dtype) in shapes.items()
         }
         self.capacity = (cv, cf, d)
@@ -179,7 +181,8 @@ class RenderPipeline:
         code = as_codes(frame.expression)  # [1, E] on the CPU
         mesh = r._mesh(frame.mesh, code[0])
         camera = r._camera(frame.camera)
-        timers = {f"{s}{i}": torch.cuda.Event(enable_timing=True) for s in STAGES for i in (0, 1)} if self.timing else None
+        timers = ({f"{s}{i}": torch.cuda.Event(enable_timing=True) for s in STAGES for i in (0, 1)}
+                  if self.timing else None)
         mark = (lambda name, s: timers[name].record(s)) if timers else (lambda name, s: None)
 
         ev["upload"][k].synchronize()  # this slot's pinned staging was copied out (frame n - depth)
@@ -248,8 +251,8 @@ class RenderPipeline:
     def _collect(self, f: _InFlight) -> np.ndarray:
         self._events["copy"][f.slot].synchronize()
         image = self._host[f.slot].numpy().copy()
-        latency = (time.perf_counter() - f.t_submit) * 1e3
-        record = FrameRecord(f.index, latency, f.host_ms, f.faces)
+        done = time.perf_counter()
+        record = FrameRecord(f.index, (done - f.t_submit) * 1e3, f.host_ms, f.faces, done)
         if f.timers:
             record.gpu_ms = {s: f.timers[f"{s}0"].elapsed_time(f.timers[f"{s}1"]) for s in STAGES}
             stage_times = getattr(self.backend, "stage_times", None)

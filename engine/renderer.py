@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .backends import backend_class
+from .backends import backend_class, default_backend
 from .conditioning import build_condition
 from .errors import ConfigError, InputError
 from .geometry import Camera, Mesh
@@ -71,8 +71,10 @@ class ReferenceBackend:
 
     name = "reference"
 
-    def __init__(self, avatar: Avatar, sampler, noise: FixedNoise, device: torch.device, dtype: torch.dtype):
-        self.avatar, self.sampler, self.noise, self.device, self.dtype = avatar, sampler, noise, device, dtype
+    def __init__(self, avatar: Avatar, sampler, noise: FixedNoise, device: torch.device,
+                 dtype: torch.dtype | None = None):
+        self.avatar, self.sampler, self.noise, self.device = avatar, sampler, noise, device
+        self.dtype = torch.float32 if dtype is None else dtype
 
     def _autocast(self):
         if self.dtype == torch.float32:
@@ -112,9 +114,12 @@ class Renderer:
         device: torch device string or object.
         sampler: "ddpm" (the release's) or "ddim"; steps: 1..50.
         seed: the fixed-noise seed (default: the avatar config's `noise_seed`, the release's 181998).
-        dtype: torch.float32 (the fidelity reference), torch.float16 or torch.bfloat16 (autocast), or their names.
+        dtype: torch.float32 (the fidelity reference), torch.float16 or torch.bfloat16 (autocast in the reference,
+            half weights in `compiled`), or their names; default: the backend's (float32 for the reference,
+            float16 for `compiled`).
         raster_backend: "torch" (reference, any device) or "nvdiffrast" (CUDA).
-        backend: a registered backend name ("reference", "compiled", ...).
+        backend: a registered backend name ("reference", "compiled", ...); default: `compiled` on CUDA (one CUDA
+            graph per frame), `reference` elsewhere.
     """
 
     def __init__(
@@ -124,12 +129,13 @@ class Renderer:
         sampler: str = "ddpm",
         steps: int = 20,
         seed: int | None = None,
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str | None = None,
         raster_backend: str = "torch",
-        backend: str = "reference",
+        backend: str | None = None,
     ):
         self.device = torch.device(device)
-        self.dtype = resolve_dtype(dtype)
+        dtype = None if dtype is None else resolve_dtype(dtype)
+        backend = backend or default_backend(self.device)
         self.avatar = avatar.to(self.device).eval().requires_grad_(False)
         config = avatar.config
         self.config = config
@@ -138,7 +144,8 @@ class Renderer:
         seed = config.noise_seed if seed is None else seed
         self.noise = FixedNoise(shape, self.sampler.num_steps, seed).to(self.device)
         self.raster_backend = raster_backend
-        self.backend = backend_class(backend)(self.avatar, self.sampler, self.noise, self.device, self.dtype)
+        self.backend = backend_class(backend)(self.avatar, self.sampler, self.noise, self.device, dtype)
+        self.dtype = self.backend.dtype
 
     # -- inputs ----------------------------------------------------------------------------------
     def _mesh(self, mesh: Mesh | None, expression: torch.Tensor) -> Mesh:
@@ -205,6 +212,13 @@ class Renderer:
         return self.render_batch([camera], as_codes(expression), [mesh], alpha=alpha)[0]
 
     def stream(self, frames: Iterable[Frame], alpha: bool = False) -> Iterator[np.ndarray]:
-        """Render frames one after another, yielding them in order (a plain loop in the reference)."""
+        """Render frames one after another, yielding them in order: a plain loop on the CPU; on CUDA the stream
+        pipeline (`engine.pipeline.RenderPipeline`: upload, raster, denoise and copy-back streams, two frames in
+        flight), which yields the same frames."""
+        if self.device.type == "cuda":
+            from .pipeline import RenderPipeline
+
+            yield from RenderPipeline(self, depth=2, alpha=alpha).run(frames)
+            return
         for frame in frames:
             yield self.render(frame.camera, frame.expression, frame.mesh, alpha=alpha)

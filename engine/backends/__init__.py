@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import importlib
 
+import torch
+
 from ..errors import ConfigError
 
 # name -> "module:Class"; imported lazily.
@@ -30,6 +32,11 @@ def register_backend(name: str, target: str) -> None:
 
 def backend_names() -> list[str]:
     return sorted(_BACKENDS)
+
+
+def default_backend(device) -> str:
+    """`compiled` on CUDA (the fast path), `reference` elsewhere."""
+    return "compiled" if torch.device(device).type == "cuda" else "reference"
 
 
 def backend_class(name: str):

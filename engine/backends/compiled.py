@@ -6,8 +6,9 @@ Every speed trick, and where it is:
 3. the ControlNet's conditioning embedding once per frame, not per step                      `nets.prepare`
 4. time embeddings tabulated per step at load (each resnet's projection is a table row)       `StepTable`
 5. each sampler step as prev = a x + b v + c noise with the coefficients baked in              `_run`
-6. the whole frame (3 + N steps + decode + to-pixels) captured as ONE CUDA graph per batch size,
-   after `warmup` eager runs on a side stream; per frame: copy inputs into the static buffers, replay  `_graph`
+6. optional (`parallel_controlnet`): the ControlNet on a second stream beside the UNet's down blocks  `predict`
+7. the whole frame (prep + N steps + decode + to-pixels) captured as ONE CUDA graph per batch size, after
+   `warmup` eager runs on a side stream; per frame: copy inputs into the static buffers, replay        `_graph`
 Mesh size never reaches the graph: its only inputs are the conditioning image `[B, C, H, W]` and the tokens
 `[B, T, D]`, both fixed-size, so nothing is re-captured or recompiled when per-frame inputs change.
 
@@ -54,6 +55,8 @@ class CompiledBackend:
         decoder: "vae" (the avatar's) or "tiny" (TAESD-shaped, seeded random weights: for timing).
         graphs: capture CUDA graphs (default: on CUDA). channels_last: NHWC activations (default True).
         attention: "flash" (SDPA restricted to flash -> mem-efficient -> math) or "auto" (torch's order).
+        parallel_controlnet: on CUDA, run each step's ControlNet on a second stream, concurrently with the
+            UNet's down blocks (forked and joined inside the graph; same numbers). Default off.
         compile: torch.compile every transformer block (default off; the graph is the win).
         timing: record CUDA events inside the graph (`stage_times()`); adds N + 3 event nodes.
         warmup: eager runs before a capture (cuDNN autotuning, cuDNN/flash plans, allocator).
@@ -65,8 +68,8 @@ class CompiledBackend:
     supports_condition_out = True
 
     def __init__(self, avatar, sampler, noise, device, dtype=None, *, decoder: str = "vae", graphs=None,
-                 channels_last: bool = True, attention: str = "flash", compile: bool = False,
-                 timing: bool = False, warmup: int = 3):
+                 channels_last: bool = True, attention: str = "flash", parallel_controlnet: bool = False,
+                 compile: bool = False, timing: bool = False, warmup: int = 3):
         self.device = torch.device(device)
         self.dtype = torch.float16 if dtype is None else dtype
         if self.dtype not in DTYPES:
@@ -88,6 +91,8 @@ class CompiledBackend:
         self.latent = noise.latent[:1].to(self.device, torch.float32)  # [1, 4, h, w]
         self.step_noise = noise.step_noise[:, :1].to(self.device, torch.float32)  # [N, 1, 4, h, w]
         self._packed = self._fused_textures()
+        use_side = parallel_controlnet and self.device.type == "cuda"
+        self._controlnet_stream = torch.cuda.Stream(self.device) if use_side else None
         self._graphs: dict[int, _Graph] = {}
         self._last: tuple | None = None
         self._last_graph: _Graph | None = None
@@ -105,7 +110,7 @@ class CompiledBackend:
         mark(1)
         x = self.latent.expand(condition.shape[0], -1, -1, -1)
         for i, (a, b, c) in enumerate(self.coefficients):
-            v = nets.predict(i, x.to(self.dtype), cond_embedding, tokens)
+            v = nets.predict(i, x.to(self.dtype), cond_embedding, tokens, self._controlnet_stream)
             x = (x * a).add_(v, alpha=b)
             if c:
                 x = x.add_(self.step_noise[i], alpha=c)
@@ -117,12 +122,13 @@ class CompiledBackend:
         mark(2 + n)
         return x, image, pixels
 
-    def _settings(self):
-        """cuDNN autotuning and the SDPA backend choice, around warm-up, capture and eager runs."""
+    def _settings(self, benchmark: bool = True):
+        """cuDNN autotuning (warm-up and eager runs; off while capturing, which then reuses the tuned plans and
+        never runs a search inside the capture) and the SDPA backend choice."""
         if self.device.type != "cuda":
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
-        stack.enter_context(_cudnn_benchmark())
+        stack.enter_context(_cudnn_benchmark(benchmark))
         if self.attention == "flash":
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -148,8 +154,18 @@ class CompiledBackend:
         torch.cuda.current_stream(self.device).wait_stream(side)
         events = _timing_events(len(self.coefficients) + 3) if self.timing else None
         graph = torch.cuda.CUDAGraph()
-        with self._settings(), torch.cuda.graph(graph):
-            outputs = self._run(cond, tok, events)
+        try:
+            with self._settings(benchmark=False), torch.cuda.graph(graph):
+                outputs = self._run(cond, tok, events)
+        except RuntimeError as e:
+            if not events:
+                raise
+            # Event nodes are the only optional part of the capture: capture again without them.
+            warnings.warn(f"capturing timing events in the CUDA graph failed ({e}); capturing without them")
+            torch.cuda.synchronize(self.device)
+            self.timing, events, graph = False, None, torch.cuda.CUDAGraph()
+            with self._settings(benchmark=False), torch.cuda.graph(graph):
+                outputs = self._run(cond, tok)
         self.captures += 1
         self._graphs[b] = _Graph(graph, cond, tok, outputs, events)
         return self._graphs[b]
@@ -184,9 +200,13 @@ class CompiledBackend:
         if self._packed is not None:
             from kernels import build_condition_fused
 
+            from ..raster import RasterBuffers
+
+            # The rasterisers return depth and canonical as views of one buffer; the kernel wants each contiguous.
+            flat = RasterBuffers(*(getattr(raster, k).contiguous() for k in ("mask", "depth", "canonical", "normals")))
             try:
-                return build_condition_fused(raster, self._packed, self.config.conditioning, out=out)
-            except BackendError as e:
+                return build_condition_fused(flat, self._packed, self.config.conditioning, out=out)
+            except (BackendError, InputError) as e:
                 warnings.warn(f"fused conditioning kernel failed ({e}); using the torch reference from now on")
                 self._packed = None
         cond = build_condition(raster, self.avatar.textures, self.config.conditioning)
@@ -294,9 +314,9 @@ def _to_pixels(image: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _cudnn_benchmark():
+def _cudnn_benchmark(on: bool):
     old = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = on
     try:
         yield
     finally:

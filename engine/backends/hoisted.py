@@ -13,13 +13,14 @@ computes exactly `Avatar.predict` and `Avatar.decode`, reorganised so that a ste
     per step          `predict(i, x, cond_embedding)`: conv_in -> blocks -> residual adds, with attention
                       through `F.scaled_dot_product_attention` and `temb` read from the tables
 
-`controlnet_residuals` and `unet_prediction` are diffusers' `ControlNetModel.forward` and
+`controlnet_residuals` and `unet_down` + `unet_up` are diffusers' `ControlNetModel.forward` and
 `UNet2DConditionModel.forward` for the Stable Diffusion configuration (checked by `check_sd_networks`), minus
 the time embedding, the conditioning embedding and the `conditioning_scale` multiply (1.0 in the release).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -137,14 +138,15 @@ class HoistedNetworks(nn.Module):
             for net in (self.unet, self.controlnet):  # tables in float32, before the cast
                 _tabulate_time(net, timesteps.to(device), self.state)
                 net.time_embedding = net.time_proj = None
-            self.unet.to(dtype=dtype, memory_format=fmt)
-            self.controlnet.to(dtype=dtype, memory_format=fmt)
+            with _quiet_diffusers():  # its "modules to keep in float32" notice: there are none here
+                self.unet.to(dtype=dtype, memory_format=fmt)
+                self.controlnet.to(dtype=dtype, memory_format=fmt)
             self.decoder_name = decoder
             if decoder == "vae":
                 vae = avatar.vae
                 self.post_quant_conv = copy.deepcopy(vae.post_quant_conv)
                 self.decoder = copy.deepcopy(vae.decoder)
-                self.scale = float(vae.config.scaling_factor)
+                self.scale = float(avatar.config.vae.scaling_factor)
             elif decoder == "tiny":
                 self.post_quant_conv, self.decoder, self.scale = None, _tiny_decoder(avatar.config), 1.0
             else:
@@ -179,16 +181,28 @@ class HoistedNetworks(nn.Module):
         return self.controlnet.controlnet_cond_embedding(condition)
 
     # -- per step ----------------------------------------------------------------------------------
-    def predict(self, i: int, x: torch.Tensor, cond_embedding: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Step i's prediction (v) `[B, 4, h, w]` in `dtype` for the latent `x` (in `dtype`): `Avatar.predict`."""
+    def predict(self, i: int, x: torch.Tensor, cond_embedding: torch.Tensor, tokens: torch.Tensor,
+                side=None) -> torch.Tensor:
+        """Step i's prediction (v) `[B, 4, h, w]` in `dtype` for the latent `x` (in `dtype`): `Avatar.predict`.
+        With a CUDA stream `side`, the ControlNet runs on it while the UNet's down blocks run on the current
+        stream (the UNet needs the residuals only after them); the streams join before the residual adds."""
         self.state.i = i
-        text = self.prompt.expand(x.shape[0], -1, -1)
-        down, mid = controlnet_residuals(self.controlnet, x, cond_embedding, text)
-        return unet_prediction(self.unet, x, text, {TOKENS_KWARG: tokens}, down, mid)
+        text, kwargs = self.prompt.expand(x.shape[0], -1, -1), {TOKENS_KWARG: tokens}
+        if side is None:
+            down, mid = controlnet_residuals(self.controlnet, x, cond_embedding, text)
+            h, res = unet_down(self.unet, x, text, kwargs)
+        else:
+            main = torch.cuda.current_stream(x.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                down, mid = controlnet_residuals(self.controlnet, x, cond_embedding, text)
+            h, res = unet_down(self.unet, x, text, kwargs)
+            main.wait_stream(side)
+        return unet_up(self.unet, x, h, res, text, kwargs, down, mid)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """latent `[B, 4, h, w]` (any float dtype) -> image `[B, 3, H, W]` in `dtype`, nominally [-1, 1]."""
-        z = latent.to(self.dtype) / self.scale
+        z = (latent / self.scale).to(self.dtype)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
@@ -204,6 +218,18 @@ def _tabulate_time(net, timesteps: torch.Tensor, state: StepState) -> None:
             act = emb if m.skip_time_act else m.nonlinearity(emb)
             m.time_emb_proj = StepTable(m.time_emb_proj(act)[:, None, :].contiguous(), state)
             m.skip_time_act = True
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def _tiny_decoder(config) -> nn.Module:
@@ -234,9 +260,8 @@ def controlnet_residuals(cn, x, cond_embedding, text):
     return down, cn.controlnet_mid_block(h)
 
 
-def unet_prediction(unet, x, text, kwargs, down, mid):
-    """diffusers' UNet2DConditionModel.forward (SD config) with ControlNet residuals; `temb` from StepTables."""
-    forward_upsample_size = any(s % 2**unet.num_upsamplers for s in x.shape[-2:])
+def unet_down(unet, x, text, kwargs):
+    """diffusers' UNet2DConditionModel.forward (SD config), conv_in and down blocks -> (h, skip connections)."""
     h = unet.conv_in(x)
     res = [h]
     for block in unet.down_blocks:
@@ -245,6 +270,12 @@ def unet_prediction(unet, x, text, kwargs, down, mid):
         else:
             h, r = block(hidden_states=h, temb=None)
         res.extend(r)
+    return h, res
+
+
+def unet_up(unet, x, h, res, text, kwargs, down, mid):
+    """The rest of the UNet's forward: ControlNet residual adds, mid block, up blocks, output conv -> v."""
+    forward_upsample_size = any(s % 2**unet.num_upsamplers for s in x.shape[-2:])
     res = [r + d for r, d in zip(res, down)]
     h = unet.mid_block(h, None, encoder_hidden_states=text, cross_attention_kwargs=kwargs) + mid
     for i, block in enumerate(unet.up_blocks):

@@ -27,7 +27,7 @@ def test_cuda_reference_matches_cpu(setup):
     avatar, frames = setup
     cpu = Renderer(avatar, device="cpu", sampler="ddpm", steps=8)
     cpu_frames = [cpu.render(f.camera, f.expression) for f in frames]
-    gpu = Renderer(avatar, device="cuda", sampler="ddpm", steps=8)
+    gpu = Renderer(avatar, device="cuda", sampler="ddpm", steps=8, backend="reference")
     for f, ref in zip(frames, cpu_frames):
         out = gpu.render(f.camera, f.expression)
         psnr = _psnr(out, ref)
@@ -40,7 +40,7 @@ def test_cuda_reruns_stable(setup):
     from engine.renderer import Renderer
 
     avatar, frames = setup
-    gpu = Renderer(avatar, device="cuda", sampler="ddim", steps=4)
+    gpu = Renderer(avatar, device="cuda", sampler="ddim", steps=4, backend="reference")
     a = gpu.render(frames[0].camera, frames[0].expression)
     b = gpu.render(frames[0].camera, frames[0].expression)
     diff = np.abs(a.astype(int) - b.astype(int)).max()
@@ -54,9 +54,9 @@ def test_nvdiffrast_raster_in_renderer(setup):
     from engine.renderer import Renderer
 
     avatar, frames = setup
-    torch_raster = Renderer(avatar, device="cuda", sampler="ddim", steps=4, raster_backend="torch")
+    torch_raster = Renderer(avatar, device="cuda", sampler="ddim", steps=4, raster_backend="torch", backend="reference")
     ref = [torch_raster.render(f.camera, f.expression, alpha=True) for f in frames]
-    nv = Renderer(avatar, device="cuda", sampler="ddim", steps=4, raster_backend="nvdiffrast")
+    nv = Renderer(avatar, device="cuda", sampler="ddim", steps=4, raster_backend="nvdiffrast", backend="reference")
     for f, r in zip(frames, ref):
         out = nv.render(f.camera, f.expression, alpha=True)
         assert (out[..., 3] != r[..., 3]).mean() < 0.01  # edge pixels only
