@@ -176,6 +176,7 @@ class AvatarConfig:
     expression_tokens: int = 4
     prompt_length: int = 77
     head_model: str = "builtin:head"  # see engine.heads.load_head_model
+    synthetic_version: int | None = None  # the synthetic generator's version for avatars trained on its data
     noise_seed: int = 181998  # the release's fixed seed: same initial latent and step noise every frame
     version: int = CONFIG_VERSION
 
