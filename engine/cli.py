@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -11,8 +12,22 @@ from .errors import AvatarError
 
 AVATAR_HELP = "a preset (tiny, sd21), an avatar shipped with the package, or an avatar folder"
 
+# Commands whose code lives in its own module (`add_arguments(parser)` + `run(args)`), imported only when chosen
+# so that `avatar --help` stays fast and works without the optional extras.
+COMMANDS = {
+    "bench": ("benchmarks.bench", "time each stage of a frame and the frame rate, per backend"),
+    "make-data": ("engine.data.write_synthetic", "write a synthetic multi-view training dataset"),
+    "import-nersemble": ("engine.data.import_nersemble",
+                         "convert the release's tracked NeRSemble data into a training dataset"),
+    "train": ("engine.training.cli", "train an avatar on a dataset (accelerate: CPU, one or several GPUs)"),
+    "eval": ("engine.evaluation", "render held-out frames and report PSNR, SSIM and flicker"),
+    "drive": ("engine.live.drive", "drive an avatar from a video or a webcam (expression transfer)"),
+    "fit-driver": ("engine.live.fit", "fit the tracker-to-code map of an avatar on its training frames"),
+    "serve": ("engine.live.server", "serve the browser viewer and the code-stream WebSocket"),
+}
 
-def _add_render_options(p: argparse.ArgumentParser) -> None:
+
+def add_render_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, help="frame backend: reference, compiled (default: compiled on CUDA, "
                    "reference elsewhere)")
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="sampler (default: ddpm, the release's)")
@@ -24,7 +39,7 @@ def _add_render_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raster", default="torch", choices=["torch", "nvdiffrast"], help="rasteriser (default: torch)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avatar", description="DiffusionAvatars inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -34,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="OUT.mp4 for a video, anything else is a folder of PNG frames")
     p.add_argument("--alpha", action="store_true", help="RGBA PNG frames with the head mask as alpha")
     p.add_argument("--fps", type=int, default=24, help="video frame rate (default: 24)")
-    _add_render_options(p)
+    add_render_options(p)
 
     p = sub.add_parser("info", help="describe an avatar: config, parameter counts, channel layout")
     p.add_argument("--avatar", required=True, help=AVATAR_HELP)
@@ -48,10 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yaw", type=float, default=30.0, help="orbit half-angle in degrees (default: 30)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random expression walk for unnamed codes")
 
-    from benchmarks.bench import add_arguments as add_bench_arguments
-
-    p = sub.add_parser("bench", help="time each stage of a frame and the frame rate, per backend")
-    add_bench_arguments(p)
+    chosen = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None)
+    for name, (module, text) in COMMANDS.items():
+        p = sub.add_parser(name, help=text)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
@@ -106,12 +122,10 @@ def cmd_orbit(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
-        if args.command == "bench":
-            from benchmarks.bench import run as run_bench
-
-            run_bench(args)
+        if args.command in COMMANDS:
+            importlib.import_module(COMMANDS[args.command][0]).run(args)
         else:
             {"render": cmd_render, "info": cmd_info, "orbit": cmd_orbit}[args.command](args)
     except AvatarError as e:

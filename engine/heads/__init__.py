@@ -4,6 +4,7 @@
 modules extend with `register_head_model(kind, factory)`:
 - `"builtin:head"`: `StaticHead` of `builtin_head_mesh()`.
 - `"mesh:<file.npz>"`: `StaticHead` of a mesh file (`Mesh.save` format), relative to `root` (the avatar folder).
+- `"synthetic[:<version>]"`: the procedural, rigged head of `engine.data.synthetic` (ARKit-named code).
 - `"none"`: no head model (returns None), for avatars driven by pre-rendered buffers.
 """
 
@@ -96,8 +97,15 @@ def _mesh_file(arg: str, root: Path | None) -> HeadModel:
     return StaticHead(Mesh.load(path), name=f"mesh:{arg}")
 
 
+def _synthetic(arg: str, root: Path | None) -> HeadModel:
+    from ..data.synthetic import synthetic_head  # lazy: engine.data builds on this package
+
+    return synthetic_head(arg)
+
+
 register_head_model("builtin", _builtin)
 register_head_model("mesh", _mesh_file)
+register_head_model("synthetic", _synthetic)
 
 __all__ = [
     "HeadModel",

@@ -1,0 +1,299 @@
+// The avatar viewer: the expression pad, orbit + zoom, the webcam toggle, and the fps / latency read-out.
+// Protocol: engine/live/protocol.py. Frames come back as binary messages: uint32 big-endian header length,
+// JSON header, JPEG. Every message replaces our pending one on the server, so we send on every input event.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const STEP_CHOICES = [1, 2, 3, 4, 6, 8, 10, 15, 20, 30, 40, 50];
+const WEBCAM_WIDTH = 320;
+
+const state = {
+  info: null, ws: null, nextId: 1,
+  sent: new Map(),           // request id -> {t: performance.now() of the input event, kind}
+  pad: { u: 0.5, v: 0.5 }, corners: [], selected: 0,
+  camera: { yaw: 0, pitch: 0, distance: 1, fov: 16 },
+  webcam: { on: false, stream: null, inFlight: 0, lastSent: 0, canvas: document.createElement("canvas") },
+  display: null,             // the frame being loaded into the <img>: {id, url, t}
+  fps: 0, lastFrameAt: 0, latency: 0,
+};
+// Read by tests and handy in the console: every frame shown, with its input-to-load latency.
+window.avatarViewer = { state, frames: 0, latencies: [], errors: [] };
+
+// -- socket ------------------------------------------------------------------------------------------------
+function connect() {
+  const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
+  ws.binaryType = "arraybuffer";
+  ws.onopen = () => setStatus("connected", "ok");
+  ws.onclose = () => { setStatus("disconnected: retrying…", "bad"); state.ws = null; setTimeout(connect, 2000); };
+  ws.onmessage = (event) => {
+    if (typeof event.data === "string") onText(JSON.parse(event.data)); else onFrame(event.data);
+  };
+  state.ws = ws;
+}
+
+function send(message, t) {
+  if (!state.ws || state.ws.readyState !== WebSocket.OPEN || !state.info) return null;
+  const id = state.nextId++;
+  state.sent.set(id, { t: t ?? performance.now(), kind: message.type });
+  message.id = id;
+  if (message.jpeg instanceof ArrayBuffer) {            // a webcam image: binary, header + JPEG
+    const jpeg = message.jpeg; delete message.jpeg;
+    state.ws.send(pack(message, jpeg));
+  } else {
+    state.ws.send(JSON.stringify(message));
+  }
+  return id;
+}
+
+function pack(header, payload) {
+  const head = new TextEncoder().encode(JSON.stringify(header));
+  const out = new Uint8Array(4 + head.length + payload.byteLength);
+  new DataView(out.buffer).setUint32(0, head.length);
+  out.set(head, 4);
+  out.set(new Uint8Array(payload), 4 + head.length);
+  return out.buffer;
+}
+
+function onText(message) {
+  if (message.type === "info") return setup(message);
+  if (message.type === "error") {
+    window.avatarViewer.errors.push(message.message);
+    $("error").textContent = message.message;
+    const sent = state.sent.get(message.id);
+    state.sent.delete(message.id);
+    if (sent && sent.kind === "video_frame") {
+      state.webcam.inFlight = Math.max(0, state.webcam.inFlight - 1);
+      if (/tracking unavailable/.test(message.message)) setWebcam(false);
+    }
+  }
+}
+
+function onFrame(buffer) {
+  const n = new DataView(buffer).getUint32(0);
+  const header = JSON.parse(new TextDecoder().decode(new Uint8Array(buffer, 4, n)));
+  const sent = state.sent.get(header.id);
+  for (const id of state.sent.keys()) if (id <= header.id) state.sent.delete(id);  // older ones were dropped
+  if (sent && sent.kind === "video_frame") state.webcam.inFlight = Math.max(0, state.webcam.inFlight - 1);
+  const url = URL.createObjectURL(new Blob([new Uint8Array(buffer, 4 + n)], { type: "image/jpeg" }));
+  if (state.display) URL.revokeObjectURL(state.display.url);
+  state.display = { id: header.id, url, t: sent ? sent.t : null, header };
+  $("view").src = url;
+}
+
+function onImageLoad() {
+  const shown = state.display;
+  if (!shown || shown.done) return;
+  shown.done = true;
+  const now = performance.now();
+  const viewer = window.avatarViewer;
+  viewer.frames += 1;
+  if (shown.t !== null) {
+    const ms = now - shown.t;
+    viewer.latencies.push({ id: shown.id, ms, cached: shown.header.cached });
+    if (viewer.latencies.length > 1000) viewer.latencies.shift();
+    state.latency = state.latency ? 0.8 * state.latency + 0.2 * ms : ms;
+  }
+  if (state.lastFrameAt) {
+    const rate = 1000 / Math.max(1, now - state.lastFrameAt);
+    state.fps = state.fps ? 0.8 * state.fps + 0.2 * rate : rate;
+  }
+  state.lastFrameAt = now;
+  const h = shown.header;
+  $("fps").textContent = `${state.fps.toFixed(1)} (server ${h.fps.toFixed(1)})`;
+  $("latency").textContent = `${state.latency.toFixed(0)} ms (server ${h.latency_ms.toFixed(0)} ms)`;
+  $("render-ms").textContent = h.cached ? "cached" : `${h.render_ms.toFixed(0)} ms`;
+  $("dropped").textContent = String(h.dropped);
+  if ("tracked" in h) $("tracked").textContent = h.tracked ? "face" : "no face";
+  if (!h.cached) $("error").textContent = "";
+}
+
+// -- setup -------------------------------------------------------------------------------------------------
+function setup(info) {
+  const first = state.info === null;
+  state.info = info;
+  $("avatar-name").textContent = `${info.avatar} · ${info.image_size}px · ${info.sampler}`;
+  if (first) {
+    state.corners = info.corners.map((c) => c.slice());
+    Object.assign(state.camera, info.camera);
+    fillSelect($("steps"), STEP_CHOICES.filter((s) => s <= info.max_steps).concat([info.steps])
+      .filter((s, i, a) => a.indexOf(s) === i).sort((a, b) => a - b), info.steps);
+    fillSelect($("backend"), info.backends, info.backend);
+    $("backend-label").hidden = info.backends.length < 2;
+    if (info.tracking) $("webcam").title = info.tracking;
+    buildCornerEditor();
+  }
+  placeCursor();
+  requestFrame();
+}
+
+function fillSelect(select, values, current) {
+  select.replaceChildren(...values.map((v) => new Option(String(v), String(v), false, v === current)));
+}
+
+function setStatus(text, cls) { const s = $("status"); s.textContent = text; s.className = `status ${cls}`; }
+
+// -- the expression pad ------------------------------------------------------------------------------------
+function blend(u, v) {
+  const [c0, c1, c2, c3] = state.corners;                // top-left, top-right, bottom-left, bottom-right
+  return c0.map((_, i) => (1 - u) * (1 - v) * c0[i] + u * (1 - v) * c1[i] + (1 - u) * v * c2[i] + u * v * c3[i]);
+}
+
+function placeCursor() {
+  $("cursor").style.left = `${state.pad.u * 100}%`;
+  $("cursor").style.top = `${state.pad.v * 100}%`;
+}
+
+function padEvent(event) {
+  const r = $("pad").getBoundingClientRect();
+  state.pad.u = Math.min(1, Math.max(0, (event.clientX - r.left) / r.width));
+  state.pad.v = Math.min(1, Math.max(0, (event.clientY - r.top) / r.height));
+  placeCursor();
+  requestFrame(event.timeStamp);                         // latency counts from the input event itself
+}
+
+function requestFrame(t) {
+  if (state.webcam.on || !state.info) return;            // the webcam drives the code while it is on
+  send({ type: "render", code: blend(state.pad.u, state.pad.v).map((x) => +x.toFixed(5)),
+         camera: { ...state.camera }, steps: +$("steps").value, backend: $("backend").value }, t);
+}
+
+function buildCornerEditor() {
+  const names = state.info.expression_names;
+  const box = $("sliders");
+  box.replaceChildren();
+  const useSliders = state.info.expression_dim <= 32;
+  $("corner-json").hidden = useSliders;
+  if (useSliders) {
+    for (let i = 0; i < state.info.expression_dim; i++) {
+      const label = document.createElement("label");
+      const input = Object.assign(document.createElement("input"), { type: "range", min: -1, max: 1.5, step: 0.01 });
+      const value = document.createElement("span");
+      input.dataset.dim = i;
+      input.addEventListener("input", () => {
+        state.corners[state.selected][i] = +input.value; value.textContent = (+input.value).toFixed(2);
+        requestFrame(performance.now());
+      });
+      label.append(names ? names[i] : `code[${i}]`, input, value);
+      box.append(label);
+    }
+  }
+  selectCorner(state.selected);
+}
+
+function selectCorner(k) {
+  state.selected = k;
+  $("corner-label").textContent = String(k + 1);
+  document.querySelectorAll(".corner").forEach((b) => b.classList.toggle("selected", +b.dataset.corner === k));
+  const code = state.corners[k];
+  $("sliders").querySelectorAll("input").forEach((input) => {
+    input.value = code[+input.dataset.dim];
+    input.nextSibling.textContent = code[+input.dataset.dim].toFixed(2);
+  });
+  $("corner-json").value = JSON.stringify(code.map((x) => +x.toFixed(4)));
+}
+
+// -- camera orbit and zoom ---------------------------------------------------------------------------------
+let orbitFrom = null;
+function orbitStart(event) { orbitFrom = { x: event.clientX, y: event.clientY }; event.target.setPointerCapture(event.pointerId); }
+function orbitMove(event) {
+  if (!orbitFrom) return;
+  const cam = state.camera;
+  cam.yaw = ((cam.yaw - 0.4 * (event.clientX - orbitFrom.x) + 540) % 360) - 180;
+  cam.pitch = Math.min(80, Math.max(-80, cam.pitch + 0.4 * (event.clientY - orbitFrom.y)));
+  orbitFrom = { x: event.clientX, y: event.clientY };
+  requestFrame(performance.now());
+}
+function zoom(event) {
+  event.preventDefault();
+  state.camera.distance = Math.min(1.8, Math.max(0.3, state.camera.distance * Math.exp(0.001 * event.deltaY)));
+  requestFrame(performance.now());
+}
+
+// -- webcam ------------------------------------------------------------------------------------------------
+async function setWebcam(on) {
+  const cam = state.webcam;
+  if (on === cam.on) return;
+  $("webcam").setAttribute("aria-pressed", String(on));
+  $("webcam").textContent = `webcam: ${on ? "on" : "off"}`;
+  cam.on = on;
+  if (!on) {
+    if (cam.stream) cam.stream.getTracks().forEach((t) => t.stop());
+    cam.stream = null;
+    requestFrame();
+    return;
+  }
+  try {
+    cam.stream = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 }, audio: false });
+    const video = $("camera-video");
+    video.srcObject = cam.stream;
+    await video.play();
+    cam.inFlight = 0;
+    pumpWebcam();
+  } catch (e) {
+    $("error").textContent = `webcam: ${e.message || e}`;
+    setWebcam(false);
+  }
+}
+
+// Send the newest camera image whenever the previous one was answered (or after a 1 s watchdog).
+function pumpWebcam() {
+  const cam = state.webcam;
+  if (!cam.on) return;
+  const video = $("camera-video");
+  const now = performance.now();
+  if (video.videoWidth && (cam.inFlight === 0 || now - cam.lastSent > 1000)) {
+    const scale = WEBCAM_WIDTH / video.videoWidth;
+    cam.canvas.width = WEBCAM_WIDTH;
+    cam.canvas.height = Math.round(video.videoHeight * scale);
+    cam.canvas.getContext("2d").drawImage(video, 0, 0, cam.canvas.width, cam.canvas.height);
+    cam.inFlight += 1;
+    cam.lastSent = now;
+    cam.canvas.toBlob(async (blob) => {
+      if (!blob || !cam.on) { cam.inFlight = Math.max(0, cam.inFlight - 1); return; }
+      const jpeg = await blob.arrayBuffer();
+      if (send({ type: "video_frame", jpeg, camera: { ...state.camera }, steps: +$("steps").value,
+                 backend: $("backend").value }, now) === null) cam.inFlight = Math.max(0, cam.inFlight - 1);
+    }, "image/jpeg", 0.85);
+  }
+  requestAnimationFrame(pumpWebcam);
+}
+
+// -- wiring ------------------------------------------------------------------------------------------------
+function wire() {
+  const pad = $("pad");
+  let padDown = false;
+  pad.addEventListener("pointerdown", (e) => {
+    if (e.target.classList.contains("corner")) return;
+    padDown = true; pad.setPointerCapture(e.pointerId); padEvent(e);
+  });
+  pad.addEventListener("pointermove", (e) => { if (padDown) padEvent(e); });
+  pad.addEventListener("pointerup", () => { padDown = false; });
+  document.querySelectorAll(".corner").forEach((b) => b.addEventListener("click", () => {
+    selectCorner(+b.dataset.corner); $("corner-editor").open = true;
+  }));
+  $("corner-json").addEventListener("change", () => {
+    try {
+      const code = JSON.parse($("corner-json").value);
+      if (!Array.isArray(code) || code.length !== state.info.expression_dim) throw new Error(`need ${state.info.expression_dim} numbers`);
+      state.corners[state.selected] = code.map(Number); requestFrame(performance.now());
+    } catch (e) { $("error").textContent = `corner code: ${e.message}`; }
+  });
+  $("corner-from-cursor").addEventListener("click", () => {
+    state.corners[state.selected] = blend(state.pad.u, state.pad.v); selectCorner(state.selected);
+  });
+  $("corners-reset").addEventListener("click", () => {
+    state.corners = state.info.corners.map((c) => c.slice()); selectCorner(state.selected); requestFrame(performance.now());
+  });
+  const view = $("view");
+  view.addEventListener("pointerdown", orbitStart);
+  view.addEventListener("pointermove", orbitMove);
+  view.addEventListener("pointerup", () => { orbitFrom = null; });
+  view.addEventListener("wheel", zoom, { passive: false });
+  view.addEventListener("load", onImageLoad);
+  $("steps").addEventListener("change", () => requestFrame(performance.now()));
+  $("backend").addEventListener("change", () => requestFrame(performance.now()));
+  $("webcam").addEventListener("click", () => setWebcam(!state.webcam.on));
+}
+
+wire();
+connect();

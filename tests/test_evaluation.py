@@ -1,0 +1,141 @@
+import argparse
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from engine.data.synthetic import SYNTHETIC_VERSION, SyntheticHead, default_rig_cameras
+from engine.data.write_synthetic import write_synthetic_dataset
+from engine.errors import BackendError, CheckpointError, ConfigError
+from engine.evaluation import (LPIPS, add_arguments, evaluate, format_table, frame_scores, held_out_cameras, run,
+                               turn_camera)
+from engine.model import Avatar
+from test_training import tiny_config, write_dataset
+
+KEYS = {"avatar", "data", "frames", "sampler", "steps", "psnr", "psnr_mask", "ssim", "flicker", "neutral", "per_frame"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("eval") / "d")
+
+
+def _synthetic_avatar(version=SYNTHETIC_VERSION):
+    return Avatar(tiny_config().replace(head_model="synthetic", synthetic_version=version), seed=0)
+
+
+def test_frame_scores_and_mask():
+    target = torch.rand(2, 3, 16, 16)
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[0, :, 4:12, 4:12] = 1
+    pred = target.clone()
+    pred[:, :, :2] += 0.1  # error outside the mask only
+    scores = frame_scores(pred.clamp(0, 1), target, mask)
+    assert math.isinf(scores[0]["psnr_mask"]) and math.isfinite(scores[0]["psnr"])
+    assert math.isnan(scores[1]["psnr_mask"])  # empty mask
+
+
+def test_held_out_cameras_are_not_rig_cameras():
+    rig = default_rig_cameras(12, 32)
+    held = held_out_cameras(32)
+    assert len(held) >= 6
+    centres = torch.stack([c.center for c in rig])
+    for cam in held:
+        assert (centres - cam.center).norm(dim=1).min() > 0.05  # no training camera
+        assert float(cam.center.norm()) == pytest.approx(float(rig[0].center.norm()), abs=1e-5)
+    turned = turn_camera(rig[0], math.radians(10))
+    origin = torch.zeros(1, 3)
+    assert torch.allclose(turned.project(origin), rig[0].project(origin), atol=1e-3)  # still looks at the head
+
+
+def test_evaluate_regenerates_synthetic_frames(tmp_path):
+    result = evaluate(_synthetic_avatar(), frames=3, sampler="ddim", steps=2, out=tmp_path)
+    assert KEYS <= set(result) and len(result["per_frame"]) == 3
+    assert result["flicker"]["frames"] == 3 and result["flicker"]["ground_truth"] > 0
+    assert result["neutral"]["neutral_mesh"] is True and len(result["neutral"]["frames"]) == 1
+    assert all(0 < f["psnr"] < 60 and -1 <= f["ssim"] <= 1 for f in result["per_frame"])
+    assert json.loads((tmp_path / "metrics.json").read_text())["psnr"] == result["psnr"]
+    assert (tmp_path / "grid.png").is_file()
+    # the same call gives the same numbers (fixed noise, fixed held-out seed)
+    again = evaluate(_synthetic_avatar(), frames=3, sampler="ddim", steps=2)
+    assert again["psnr"] == result["psnr"]
+
+
+def test_evaluate_refuses_synthetic_version_mismatch(tmp_path):
+    with pytest.raises(ConfigError, match=f"version {SYNTHETIC_VERSION + 1}"):
+        evaluate(_synthetic_avatar(SYNTHETIC_VERSION + 1), frames=2, steps=1)
+    with pytest.raises(ConfigError, match="synthetic_version"):
+        evaluate(_synthetic_avatar(None), frames=2, steps=1)
+    with pytest.raises(ConfigError, match="--data"):
+        evaluate(Avatar(tiny_config(), seed=0), frames=2, steps=1)  # the built-in head renders no ground truth
+    old = write_dataset(tmp_path / "old", sequences=2, frames=2, synthetic_version=SYNTHETIC_VERSION + 1)
+    with pytest.raises(ConfigError, match=f"dataset {old}"):
+        evaluate(_synthetic_avatar(), data=old, frames=2, steps=1)
+
+
+def test_evaluate_on_a_dataset_eval_split(data):
+    result = evaluate(Avatar(tiny_config(), seed=0), data=data, frames=4, sampler="ddim", steps=2)
+    assert KEYS <= set(result) and result["frames"] == 4
+    assert {f["camera"] for f in result["per_frame"]} >= {"cam1"}  # the held-out camera
+    assert result["neutral"]["neutral_mesh"] is False  # a static head: only the tokens change
+    with pytest.raises(ConfigError, match="64x64"):
+        evaluate(Avatar(tiny_config(64), seed=0), data=data, frames=2, steps=1)
+
+
+def test_lpips_needs_the_package_and_local_weights(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "lpips", None)  # import fails
+    with pytest.raises(BackendError, match="pip install lpips"):
+        LPIPS(tmp_path / "w.pth")
+
+    class FakeLPIPS(torch.nn.Module):
+        def __init__(self, net, pretrained, pnet_rand, verbose):
+            super().__init__()
+            self.net = torch.nn.Module()
+            self.net.slice1 = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 11 if net == "alex" else 3))
+
+        def forward(self, a, b):
+            return (a - b).abs().mean(dim=(1, 2, 3))
+
+    monkeypatch.setitem(sys.modules, "lpips", types.SimpleNamespace(LPIPS=FakeLPIPS))
+    torch.save({"x": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="net.slice1.0.weight"):
+        LPIPS(tmp_path / "bad.pth")
+    torch.save(FakeLPIPS("alex", False, True, False).state_dict(), tmp_path / "alex.pth")
+    values = LPIPS(tmp_path / "alex.pth")(torch.zeros(2, 3, 16, 16), torch.ones(2, 3, 16, 16))
+    assert values == pytest.approx([2.0, 2.0])
+
+
+def test_cli_prints_json_and_table(data, tmp_path, capsys):
+    folder = Avatar(tiny_config(), seed=0).save_pretrained(tmp_path / "av")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    run(p.parse_args(["--avatar", str(folder), "--data", str(data), "--frames", "2", "--steps", "1", "--json"]))
+    result = json.loads(capsys.readouterr().out)
+    assert {"psnr", "ssim", "psnr_mask"} <= set(result)
+    table = format_table({**result, "psnr_mask": None})
+    assert "PSNR (head mask)" in table and "n/a" in table and "SSIM" in table and "flicker" in table
+
+
+def test_synthetic_data_trains_an_avatar_that_evaluates_by_name(tmp_path, capsys):
+    """make-data -> train (scratch, a few steps) -> eval of the avatar folder without --data: the synthetic head
+    model and synthetic_version travel with the avatar, and held-out frames are regenerated."""
+    from test_training import _cli
+
+    data = write_synthetic_dataset(tmp_path / "data", sequences=2, frames_per_sequence=2, cameras=2, size=32,
+                                   eval_cameras=1, eval_sequences=1, progress=False).parent
+    out = tmp_path / "run"
+    _cli("--avatar", "tiny", "--data", data, "--out", out, "--recipe", "scratch", "--steps", "1", "--vae-steps", "1",
+         "--batch-size", "2", "--validate-every", "0")
+    folder = out / "avatar"
+    config = Avatar.from_pretrained(folder).config
+    assert config.head_model == "synthetic" and config.synthetic_version == SYNTHETIC_VERSION
+    assert isinstance(Avatar.from_pretrained(folder).head_model, SyntheticHead)
+    capsys.readouterr()
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    run(p.parse_args(["--avatar", str(folder), "--frames", "2", "--steps", "1", "--json"]))
+    result = json.loads(capsys.readouterr().out)
+    assert result["data"].startswith("synthetic") and result["psnr"] is not None and result["ssim"] is not None
