@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 # torch goes in first, pinned, so that nothing that depends on it can pull a CUDA build on CPU machines.
 TORCH  ?= torch==2.13.0
 DEMO   := out/demo
+# The trained demo avatar once it ships inside the package, else the random-weight `tiny` preset.
+AVATAR ?= $(if $(wildcard engine/avatars/demo/config.json),demo,tiny)
 
 .PHONY: install demo test bench clean
 install: $(VENV)/.installed
@@ -17,9 +19,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/avatar orbit --avatar tiny --frames 48 --out $(DEMO)/orbit.json
-	$(BIN)/avatar render --avatar tiny --sequence $(DEMO)/orbit.json --sampler ddim --steps 8 --out $(DEMO)/orbit.mp4
+	$(BIN)/avatar orbit --avatar $(AVATAR) --frames 96 --out $(DEMO)/orbit.json
+	$(BIN)/avatar render --avatar $(AVATAR) --sequence $(DEMO)/orbit.json --sampler ddim --steps 8 \
+		--out $(DEMO)/orbit.mp4 --sheet $(DEMO)/orbit-sheet.png
 	@echo "demo video: $(abspath $(DEMO)/orbit.mp4)"
+	@echo "contact sheet: $(abspath $(DEMO)/orbit-sheet.png)"
 
 test: install
 	$(BIN)/python -m pytest -q -ra tests

@@ -364,10 +364,10 @@ def _row(c: dict) -> str:
 
 
 def _save(report: dict, stem: Path) -> None:
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    from engine.files import write_atomic
+
     for suffix, text in ((".json", json.dumps(report, indent=1)), (".md", _markdown(report))):
-        stem.with_suffix(suffix + ".tmp").write_text(text)
-        os.replace(stem.with_suffix(suffix + ".tmp"), stem.with_suffix(suffix))
+        write_atomic(stem.with_suffix(suffix), text)
 
 
 def _raster_cell(stages: dict) -> str:

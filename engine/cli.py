@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from .errors import AvatarError
 
 AVATAR_HELP = "a preset (tiny, sd21), an avatar shipped with the package, or an avatar folder"
@@ -49,6 +51,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="OUT.mp4 for a video, anything else is a folder of PNG frames")
     p.add_argument("--alpha", action="store_true", help="RGBA PNG frames with the head mask as alpha")
     p.add_argument("--fps", type=int, default=24, help="video frame rate (default: 24)")
+    p.add_argument("--sheet", default=None, help="also write a PNG contact sheet of 16 evenly spaced frames")
     add_render_options(p)
 
     p = sub.add_parser("info", help="describe an avatar: config, parameter counts, channel layout")
@@ -77,16 +80,24 @@ def cmd_render(args) -> None:
     from .avatars import load_avatar
     from .renderer import Renderer
     from .sequence import read_sequence
-    from .video import FrameWriter
+    from .video import FrameWriter, contact_sheet, write_png
 
     frames = read_sequence(args.sequence)
+    picks = set(np.linspace(0, len(frames) - 1, min(16, len(frames))).round().astype(int).tolist())
+    sheet = []
     renderer = Renderer(load_avatar(args.avatar, device=args.device), device=args.device, sampler=args.sampler,
                         steps=args.steps, seed=args.seed, dtype=args.dtype, raster_backend=args.raster,
                         backend=args.backend)
     with FrameWriter(args.out, fps=args.fps, alpha=args.alpha) as writer:
-        for image in tqdm(renderer.stream(frames, alpha=args.alpha), total=len(frames), desc="render", unit="frame"):
+        for i, image in enumerate(tqdm(renderer.stream(frames, alpha=args.alpha), total=len(frames), desc="render",
+                                       unit="frame")):
             writer.write(image)
+            if i in picks:
+                sheet.append(image)
     print(f"wrote {len(frames)} frames to {Path(args.out).resolve()}")
+    if args.sheet:
+        write_png(args.sheet, contact_sheet(sheet))
+        print(f"contact sheet: {Path(args.sheet).resolve()}")
 
 
 def cmd_info(args) -> None:

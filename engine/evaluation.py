@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data.writer import write_bytes_atomic
 from .errors import BackendError, CheckpointError, ConfigError, InputError
+from .files import write_atomic
 from .geometry import Camera, Mesh
 from .metrics import psnr, ssim
 
@@ -84,7 +84,7 @@ def save_grid(path: str | Path, pred: torch.Tensor, target: torch.Tensor) -> Pat
     buffer = io.BytesIO()
     Image.fromarray(grid).save(buffer, format="PNG")
     path = Path(path)
-    write_bytes_atomic(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue())
     return path
 
 
@@ -269,7 +269,7 @@ def evaluate(avatar, data: str | Path | None = None, frames: int = 16, sampler: 
     if out is not None:
         out = Path(out)
         result["grid"] = str(save_grid(out / "grid.png", pred, truth))
-        write_bytes_atomic(out / "metrics.json", (json.dumps(result, indent=1) + "\n").encode())
+        write_atomic(out / "metrics.json", (json.dumps(result, indent=1) + "\n").encode())
     return result
 
 

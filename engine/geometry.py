@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from .errors import FormatError, InputError
+from .files import atomic_path
 
 MESH_FORMAT_VERSION = 1
 
@@ -360,17 +360,10 @@ class Mesh:
         path = Path(path)
         if path.suffix != ".npz":
             raise InputError(f"mesh files are .npz; got {path.name!r}, name it e.g. {path.stem}.npz")
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"vertices": self.vertices, "faces": self.faces, "canonical": self.canonical, "normals": self.normals}
         arrays = {k: t.detach().cpu().numpy() for k, t in tensors.items() if t is not None}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, version=np.int64(MESH_FORMAT_VERSION), **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, version=np.int64(MESH_FORMAT_VERSION), **arrays)
         return path
 
     @classmethod

@@ -9,10 +9,7 @@ Importers of foreign weights (a diffusers SD folder, the authors' release) live 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,6 +22,7 @@ from .conditioning import NeuralTextures
 from .config import AvatarConfig, from_preset
 from .errors import CheckpointError, ConfigError, InputError
 from .expression import TOKENS_KWARG, add_expression_attention, expression_attention_paths
+from .files import atomic_path, write_atomic
 from .init import seeded_init, training_init
 
 FORMAT = "diffusion-avatars-engine/avatar"
@@ -242,11 +240,13 @@ class Avatar(nn.Module):
         if mesh is not None:
             config = config.replace(head_model=f"mesh:{mesh.name}")
             if not (folder / mesh.name).exists() or not (folder / mesh.name).samefile(mesh):
-                _write_atomic(folder / mesh.name, lambda tmp: shutil.copyfile(mesh, tmp))
+                with atomic_path(folder / mesh.name) as tmp:
+                    shutil.copyfile(mesh, tmp)
         tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.state_dict().items()}
-        _write_atomic(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        with atomic_path(folder / WEIGHTS_FILE) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
         meta = {**config.to_dict(), "format": FORMAT, "format_version": FORMAT_VERSION}
-        _write_atomic(folder / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=1) + "\n"))
+        write_atomic(folder / CONFIG_FILE, json.dumps(meta, indent=1) + "\n")
         return folder
 
     @classmethod
@@ -347,15 +347,3 @@ def _mesh_file(spec: str, root: Path | None) -> Path | None:
     if not path.is_file():
         raise CheckpointError(f"the head mesh {path} does not exist; put it back or change config.head_model")
     return path
-
-
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Run `write(tmp)` on a temporary file beside `path`, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,7 @@ import torch
 
 from .config import AvatarConfig
 from .errors import FormatError
+from .files import write_atomic
 from .geometry import Camera, Mesh
 from .renderer import Frame
 
@@ -57,7 +56,7 @@ def write_sequence(path: str | Path, frames: list[Frame], expression_names=None)
         records.append(record)
     doc = {"format": FORMAT, "version": VERSION,
            "expression_names": list(expression_names) if expression_names else None, "frames": records}
-    _write_text_atomic(path, json.dumps(doc, indent=1))
+    write_atomic(path, json.dumps(doc, indent=1))
     return path
 
 
@@ -138,14 +137,3 @@ def _sweep(config: AvatarConfig, frames: int, seed: int) -> np.ndarray:
     w = (t - lo)[:, None]
     w = w * w * (3 - 2 * w)  # smoothstep between keys
     return ((1 - w) * keys[lo] + w * keys[lo + 1]).astype(np.float32)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError
+from .files import FILE_MODE, atomic_path
 
 
 class FrameWriter:
@@ -68,4 +69,25 @@ class FrameWriter:
             if not (self.path.is_dir() and all(p.suffix == ".png" for p in self.path.iterdir())):
                 raise InputError(f"--out {self.path} exists and is not a folder of PNG frames; choose a new path")
             shutil.rmtree(self.path)
+        os.chmod(self._tmp, FILE_MODE | (0o111 if not self.video else 0))  # mkstemp/mkdtemp make them private
         os.replace(self._tmp, self.path)
+
+
+def contact_sheet(frames: list[np.ndarray], columns: int = 8) -> np.ndarray:
+    """Tile frames [H, W, C] uint8 row by row into one image (empty cells white)."""
+    if not frames:
+        raise InputError("a contact sheet needs at least one frame")
+    h, w, c = frames[0].shape
+    rows = -(-len(frames) // columns)
+    sheet = np.full((rows * h, min(columns, len(frames)) * w, c), 255, np.uint8)
+    for i, frame in enumerate(frames):
+        r, k = divmod(i, columns)
+        sheet[r * h:(r + 1) * h, k * w:(k + 1) * w] = frame
+    return sheet
+
+
+def write_png(path: str | Path, image: np.ndarray) -> Path:
+    """Write one uint8 image [H, W, 3|4] as a PNG, whole or not at all."""
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+    return Path(path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,23 +17,11 @@ import torch
 from PIL import Image
 
 from ..errors import InputError
+from ..files import write_atomic
 from ..geometry import Camera, Mesh
 from .dataset import FORMAT, INDEX_FILE, VERSION, check_name, image_path, mesh_path
 
 TOPOLOGY_FILE = "topology.npz"
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same folder and `os.replace`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -133,7 +120,7 @@ class DatasetWriter:
         if shape != (H, W):
             raise InputError(f"camera {camera!r} renders {W}x{H} but the image is {shape[1]}x{shape[0]}")
         path = image_path(self.root, sequence, camera, frame)
-        write_bytes_atomic(path, data)
+        write_atomic(path, data)
         return path
 
     def write_mesh(self, sequence: str, frame: int, mesh: Mesh) -> Path:
@@ -166,10 +153,10 @@ class DatasetWriter:
                 raise InputError(f"vertices must be {list(want)}, got {list(vertices.shape)}")
             if not np.isfinite(vertices).all():
                 raise InputError(f"the vertices of sequence {sequence!r} hold NaN/Inf values")
-            write_bytes_atomic(self.root / sequence / "vertices.npy", _npy_bytes(vertices))
+            write_atomic(self.root / sequence / "vertices.npy", _npy_bytes(vertices))
         elif vertices is not None:
             raise InputError("this dataset has per-frame meshes: write them with write_mesh, not as vertices")
-        write_bytes_atomic(self.root / sequence / "codes.npy", _npy_bytes(codes))
+        write_atomic(self.root / sequence / "codes.npy", _npy_bytes(codes))
         self.frames[sequence] = T
         if source_frames is not None:
             if len(source_frames) != T:
@@ -203,5 +190,5 @@ class DatasetWriter:
             "split": {"eval_cameras": list(eval_cameras), "eval_sequences": list(eval_sequences)},
         }
         path = self.root / INDEX_FILE
-        write_bytes_atomic(path, json.dumps(doc, indent=1).encode())
+        write_atomic(path, json.dumps(doc, indent=1).encode())
         return path

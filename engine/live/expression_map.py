@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ConfigError, FormatError, InputError
+from ..files import atomic_path
 from ..geometry import Camera
 from .tracking import COEFFICIENTS, NUM_LANDMARKS, HeadPose, TrackResult
 
@@ -151,7 +151,6 @@ class ExpressionMap:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the map (see the module docstring), atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         empty = np.zeros(0, np.float32)
         arrays = dict(
             format=np.array(FORMAT), version=np.array(VERSION), kind=np.array(self.kind),
@@ -160,14 +159,8 @@ class ExpressionMap:
             weights=empty if self.weights is None else self.weights, bias=empty if self.bias is None else self.bias,
             metrics=np.array(json.dumps(self.metrics)),
         )
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
         return path
 
     @classmethod

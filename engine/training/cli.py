@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ..config import PRESETS, AvatarConfig, from_preset
 from ..errors import ConfigError, FormatError
+from ..files import write_atomic
 from . import TrainConfig
 from .loop import AVATAR
 
@@ -197,9 +197,7 @@ def _write_run(out: Path, config: TrainConfig, data: str, avatar: str, train_vae
     out.mkdir(parents=True, exist_ok=True)
     doc = {"format": RUN_FORMAT, "version": 1, "train": config.to_dict(), "data": str(Path(data).resolve()),
            "avatar": avatar, "train_vae": train_vae}
-    tmp = out / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, out / RUN_FILE)
+    write_atomic(out / RUN_FILE, json.dumps(doc, indent=1) + "\n")
 
 
 def _read_run(out: Path) -> dict:

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from ..errors import BackendError, CheckpointError, ConfigError
+from ..files import write_atomic
 from ..init import tensor_seed
 from .objectives import TrainingModule, crop_batch, draw, measure_scaling_factor, rasterize_batch
 
@@ -293,6 +294,4 @@ def _truncate_log(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(f"{line}\n" for line in kept))

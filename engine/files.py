@@ -1,0 +1,60 @@
+"""Atomic file writes: a file appears under its name whole, or not at all.
+
+Data is written to a temporary file in the target's own folder and then renamed onto the target with `os.replace`
+(a rename within one filesystem is atomic on POSIX and Windows), and the temporary file is removed if anything
+fails. So a reader never sees a half-written file, and an interrupted write leaves any earlier file unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def _read_umask() -> int:
+    """The process umask. It can only be read by setting it, so it is set straight back; this runs once, at
+    import, because the umask is process-wide and changing it around every write could race with other threads."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# The mode `open()` gives a new file. mkstemp creates its file 0600 (private), which would otherwise stick to
+# every file written here.
+FILE_MODE = 0o666 & ~_read_umask()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside `path`; when the block ends without an exception the file is renamed onto
+    `path`, with the normal mode of a new file. On any exception it is removed and the exception re-raised, and
+    `path` is left as it was.
+
+    The temporary file already exists (empty), so the block may open it or hand its name to a library. `suffix` is
+    for libraries that pick a format by extension. The temporary name starts with `.<name>.`, so it is hidden and
+    shows what it belongs to. Missing parent folders are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write `data` to `path` atomically (see `atomic_path`); a str is written as UTF-8. Returns the path."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
