@@ -24,6 +24,9 @@ import pytest
 pytest.importorskip("fastapi", reason="the live extra is not installed (pip install -e '.[live]')")
 pytest.importorskip("uvicorn", reason="the live extra is not installed (pip install -e '.[live]')")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the dev extra)")
+# The avatar and step count the page serves (the demo avatar's figure: AVATAR_BROWSER_AVATAR=demo ..._STEPS=8).
+AVATAR = os.environ.get("AVATAR_BROWSER_AVATAR", "tiny")
+STEPS = os.environ.get("AVATAR_BROWSER_STEPS", "1")
 CHROMIUM = os.environ.get("AVATAR_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 if not Path(CHROMIUM).is_file():
     pytest.skip(f"chromium not found at {CHROMIUM}: run tests/ci_browser_setup.sh (apt-get install chromium)",
@@ -49,20 +52,14 @@ def _free_port() -> int:
 
 
 def _serve_command() -> list[str]:
-    """`avatar serve` once the CLI has the subcommand, else the same code as a module."""
-    from engine.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    if "serve" in sub.choices:
-        return [sys.executable, "-c", "import sys; from engine.cli import main; sys.exit(main())", "serve"]
-    return [sys.executable, "-m", "engine.live.server"]
+    return [sys.executable, "-m", "engine.cli", "serve"]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = _serve_command() + ["--avatar", "tiny", "--port", str(port), "--steps", "1", "--max-steps", "4"]
+    cmd = _serve_command() + ["--avatar", AVATAR, "--port", str(port), "--steps", STEPS, "--max-steps", "20"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -152,7 +149,7 @@ def test_pad_drag_changes_frames_and_latency(server, tmp_path, capsys):
         finally:
             context.close()
     with capsys.disabled():
-        print(f"\n[browser latency] tiny, CPU, ddim 1 step, 128 px: pad click -> image load median "
+        print(f"\n[browser latency] {AVATAR}, CPU, ddim {STEPS} steps: pad click -> image load median "
               f"{statistics.median(clicks):.0f} ms (min {min(clicks):.0f}, max {max(clicks):.0f}, n={len(clicks)}); "
               f"during a drag median {statistics.median(drag):.0f} ms over {len(drag)} frames")
 

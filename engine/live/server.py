@@ -258,17 +258,9 @@ def run(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m engine.live.server ...`, the same as `avatar serve ...`."""
-    from ..errors import AvatarError
+    from ..cli import main as avatar_main
 
-    parser = argparse.ArgumentParser(prog="avatar serve", description="the browser viewer and live code stream")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except AvatarError as e:
-        print(f"avatar serve: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return avatar_main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
