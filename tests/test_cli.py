@@ -104,3 +104,11 @@ def test_orbit_sweeps_every_named_dimension(tiny_avatar):
     codes = np.stack([f.expression.numpy() for f in orbit(tiny_avatar.config, frames=96)])
     assert codes.shape == (96, 8)
     assert (codes.max(axis=0) > 0.95).all() and codes.min() >= 0
+
+
+def test_shipped_demo_avatar_by_name(tmp_path):
+    seq = tmp_path / "seq.json"
+    assert main(["orbit", "--avatar", "demo", "--frames", "2", "--out", str(seq)]) == 0
+    assert main(["render", "--avatar", "demo", "--sequence", str(seq), "--sampler", "ddim", "--steps", "2",
+                 "--out", str(tmp_path / "frames"), "--sheet", str(tmp_path / "sheet.png")]) == 0
+    assert len(_pngs(tmp_path / "frames")) == 2 and (tmp_path / "sheet.png").is_file()

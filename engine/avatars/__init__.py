@@ -26,7 +26,7 @@ def load_avatar(spec: str, device: str | torch.device = "cpu", seed: int = 0):
 
     `device="meta"` builds the structure without allocating weights (for `avatar info` on large presets).
     """
-    from ..model import Avatar
+    from ..model import Avatar, read_config
 
     path = Path(spec)
     if path.is_dir():
@@ -43,8 +43,9 @@ def load_avatar(spec: str, device: str | torch.device = "cpu", seed: int = 0):
             f"no avatar {spec!r}: not a folder, not a shipped avatar ({shipped_names() or 'none shipped'}) and not a "
             f"preset ({sorted(PRESETS)}); pass an avatar folder written by Avatar.save_pretrained"
         )
-    if str(device) == "meta":
-        raise ConfigError("avatar folders load real weights; use device 'cpu' or 'cuda'")
+    if str(device) == "meta":  # the structure only, from config.json (info, orbit)
+        with torch.device("meta"):
+            return Avatar(read_config(folder), root=folder)
     return Avatar.from_pretrained(folder, device=device)
 
 
