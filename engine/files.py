@@ -1,4 +1,5 @@
-"""Atomic file writes: a file appears under its name whole, or not at all.
+"""File I/O shared by every format: atomic writes (a file appears under its name whole, or not at all) and
+reading `.npz` archives with clear errors.
 
 Data is written to a temporary file in the target's own folder and then renamed onto the target with `os.replace`
 (a rename within one filesystem is atomic on POSIX and Windows), and the temporary file is removed if anything
@@ -10,8 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
+
+from .errors import FormatError
 
 
 def _read_umask() -> int:
@@ -58,3 +64,15 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+def read_npz(path: str | os.PathLike, fix: str) -> dict[str, np.ndarray]:
+    """Every array of an `.npz` file, read whole; a missing or unreadable file is a FormatError ending in `fix`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"{path} does not exist; {fix}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise FormatError(f"{path} is not a readable .npz ({e}); {fix}") from e

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 from .errors import FormatError, InputError
-from .files import atomic_path
+from .files import atomic_path, read_npz
 
 MESH_FORMAT_VERSION = 1
 
@@ -370,13 +369,7 @@ class Mesh:
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "Mesh":
         """Read a mesh written by `save` (or any `.npz` with `vertices`, `faces`, `canonical`)."""
         path = Path(path)
-        if not path.is_file():
-            raise FormatError(f"mesh file {str(path)!r} does not exist; check the path")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise FormatError(f"mesh file {str(path)!r} is not a readable .npz ({e}); rewrite it with Mesh.save") from e
+        data = read_npz(path, "pass a mesh file written by Mesh.save (vertices, faces, canonical)")
         missing = [k for k in ("vertices", "faces", "canonical") if k not in data]
         if missing:
             raise FormatError(f"mesh file {str(path)!r} lacks {missing} (has {sorted(data)}); a mesh .npz holds "

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from engine.errors import ConfigError, InputError
-from engine.geometry import Camera, Mesh
-from engine.renderer import Frame, Renderer
+from engine.geometry import Mesh
+from engine.renderer import Renderer
 from engine.sequence import orbit
 
 

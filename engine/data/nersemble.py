@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import re
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ from PIL import Image
 
 from ..config import ConditioningConfig
 from ..errors import FormatError, InputError
+from ..files import read_npz
 from ..geometry import Camera, Mesh
 from .meshio import read_mesh_file
 
@@ -100,13 +100,7 @@ def _json(path: Path) -> dict:
 
 
 def _npz(path: Path) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise FormatError(f"{path} is missing; the tracking folder needs it for every timestep")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise FormatError(f"{path} is not a readable .npz ({e}); download or convert it again") from e
+    return read_npz(path, "the tracking folder needs it for every timestep: download or convert it again")
 
 
 def _array(arrays: dict[str, np.ndarray], path: Path) -> np.ndarray:

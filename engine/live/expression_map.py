@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ConfigError, FormatError, InputError
-from ..files import atomic_path
+from ..files import atomic_path, read_npz
 from ..geometry import Camera
 from .tracking import COEFFICIENTS, NUM_LANDMARKS, HeadPose, TrackResult
 
@@ -166,13 +165,7 @@ class ExpressionMap:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ExpressionMap":
         path = Path(path)
-        if not path.is_file():
-            raise FormatError(f"expression map {path} does not exist; write one with `avatar fit-driver --out {path}`")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                d = {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise FormatError(f"{path} is not a readable .npz ({e}); refit it with `avatar fit-driver`") from e
+        d = read_npz(path, f"write one with `avatar fit-driver --out {path}`")
         if str(d.get("format", "")) != FORMAT:
             raise FormatError(f"{path} is not an expression map (no \"format\": {FORMAT!r}); refit it")
         if int(d.get("version", 0)) > VERSION:
