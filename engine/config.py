@@ -221,13 +221,13 @@ class AvatarConfig:
             raise ConfigError(
                 f"avatar config version {version} is newer than this engine's ({CONFIG_VERSION}); upgrade the engine"
             )
-        return _build(cls, d)
+        return build_config(cls, d)
 
     def replace(self, **changes) -> "AvatarConfig":
         return dataclasses.replace(self, **changes)
 
 
-def _build(cls, d: dict[str, Any]):
+def build_config(cls, d: dict[str, Any]):
     """Build a (nested) config dataclass from plain JSON values; unknown keys are an error."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(d) - set(fields)
@@ -236,7 +236,7 @@ def _build(cls, d: dict[str, Any]):
     kwargs = {}
     for name, value in d.items():
         if name in _NESTED:
-            kwargs[name] = _build(_NESTED[name], value)
+            kwargs[name] = build_config(_NESTED[name], value)
         elif isinstance(value, list):
             kwargs[name] = tuple(value)
         else:

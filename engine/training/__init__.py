@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import build_config
 from ..errors import ConfigError
 from .loop import train
 
@@ -111,11 +112,7 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         if not isinstance(d, dict):
             raise ConfigError("a training config must be a JSON object")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ConfigError(f"TrainConfig has no field(s) {sorted(unknown)}; remove them")
-        return cls(**d)
+        return build_config(cls, d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
