@@ -35,8 +35,11 @@ if not Path(CHROMIUM).is_file():
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-PIXELS_JS = """() => {
+# A frame may arrive while we read: its <img> is then mid-load (naturalWidth 0), so wait for a decoded one.
+PIXELS_JS = """async () => {
   const img = document.getElementById('view');
+  for (let i = 0; i < 500 && !(img.complete && img.naturalWidth > 0); i++)
+    await new Promise(r => setTimeout(r, 10));
   const c = document.createElement('canvas');
   c.width = img.naturalWidth; c.height = img.naturalHeight;
   const g = c.getContext('2d'); g.drawImage(img, 0, 0);
