@@ -42,11 +42,11 @@ class UNetConfig:
     use_linear_projection: bool = True
     upcast_attention: bool = True
 
-    def diffusers_kwargs(self, sample_size: int) -> dict[str, Any]:
+    def diffusers_kwargs(self, sample_size: int, latent_channels: int = 4) -> dict[str, Any]:
         return dict(
             sample_size=sample_size,
-            in_channels=4,
-            out_channels=4,
+            in_channels=latent_channels,
+            out_channels=latent_channels,
             block_out_channels=self.block_out_channels,
             down_block_types=self.down_block_types,
             up_block_types=self.up_block_types,

@@ -79,7 +79,7 @@ class Avatar(nn.Module):
         # Built on meta and materialised once below: diffusers' own init would be wasted work, as every
         # tensor is re-drawn by the seeded init anyway.
         with torch.device("meta"):
-            unet = UNet2DConditionModel(**config.unet.diffusers_kwargs(config.latent_size))
+            unet = UNet2DConditionModel(**config.unet.diffusers_kwargs(config.latent_size, config.vae.latent_channels))
             # Built from the still-plain UNet, so the ControlNet has diffusers' own parameter names and no
             # expression attention (the release has none in the ControlNet).
             self.controlnet = ControlNetModel.from_unet(
@@ -147,10 +147,10 @@ class Avatar(nn.Module):
     ) -> torch.Tensor:
         """One denoiser evaluation exactly as the release: ControlNet residuals, then the UNet.
 
-        latent `[B, 4, h, w]`, timestep LongTensor `[]` or `[B]`, condition `[B, C, 8h, 8w]` (C =
+        latent `[B, c, h, w]` (c = config.vae.latent_channels), timestep LongTensor `[]` or `[B]`, condition `[B, C, 8h, 8w]` (C =
         config.condition_channels, values in [-1, 1] as built by `build_condition`), tokens `[B, T, D]`
         (`expression_tokens`), all on the avatar's device. Returns the prediction (v for the release's
-        schedule) `[B, 4, h, w]` in the UNet's compute dtype.
+        schedule) `[B, c, h, w]` in the UNet's compute dtype.
         """
         self._check_predict(latent, timestep, condition, tokens)
         prompt = self.prompt_embedding.expand(latent.shape[0], -1, -1)
@@ -173,7 +173,7 @@ class Avatar(nn.Module):
         )[0]
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Latent `[B, 4, h, w]` -> image `[B, 3, 8h, 8w]`, nominally in [-1, 1] (not clamped, like the release,
+        """Latent `[B, c, h, w]` -> image `[B, 3, 8h, 8w]`, nominally in [-1, 1] (not clamped, like the release,
         which clamps when converting to 8-bit)."""
         if latent.dim() != 4 or latent.shape[1] != self.config.vae.latent_channels:
             raise InputError(

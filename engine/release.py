@@ -172,7 +172,7 @@ def _config_from_diffusers(base: AvatarConfig, unet, vae, sd_dir: Path) -> Avata
                                      norm_num_groups=vc.norm_num_groups, scaling_factor=vc.scaling_factor)
     config = base.replace(unet=unet_config, vae=vae_config)
     with torch.device("meta"):
-        ours = (UNet2DConditionModel(**unet_config.diffusers_kwargs(config.latent_size)),
+        ours = (UNet2DConditionModel(**unet_config.diffusers_kwargs(config.latent_size, config.vae.latent_channels)),
                 AutoencoderKL(**vae_config.diffusers_kwargs(config.image_size)))
     # The preset's image size is kept (the release runs SD 2.1-768 at 512); force_upcast only concerns fp16.
     ignored = {"sample_size", "force_upcast"}

@@ -2,7 +2,7 @@
 
     camera + mesh -> rasterize -> RasterBuffers -> build_condition -> [B, C, H, W]
     expression code -> expression tokens [B, T, D]
-    fixed noise -> N x (ControlNet + UNet -> sampler step) -> latent [B, 4, h, w] -> VAE decode -> uint8 RGB
+    fixed noise -> N x (ControlNet + UNet -> sampler step) -> latent [B, c, h, w] -> VAE decode -> uint8 RGB
 
 Identical inputs give bit-identical frames on the same CPU machine at a fixed thread count.
 """

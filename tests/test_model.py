@@ -11,7 +11,7 @@ from engine.model import Avatar
 def _inputs(avatar, batch=2, seed=0):
     c = avatar.config
     g = torch.Generator().manual_seed(seed)
-    latent = torch.randn(batch, 4, c.latent_size, c.latent_size, generator=g)
+    latent = torch.randn(batch, c.vae.latent_channels, c.latent_size, c.latent_size, generator=g)
     condition = torch.rand(batch, c.condition_channels, c.image_size, c.image_size, generator=g) * 2 - 1
     codes = torch.rand(batch, c.expression_dim, generator=g)
     return latent, torch.tensor(999), condition, avatar.expression_tokens(codes)
@@ -137,6 +137,27 @@ def test_predict_and_decode_reject_bad_shapes(tiny_avatar):
         avatar.predict(latent, torch.tensor([1, 2, 3]), condition, tokens)
     with pytest.raises(InputError, match="decode needs"):
         avatar.decode(latent[0])
+
+
+def test_latent_channels_follow_the_vae():
+    """A VAE with a wider latent (the demo avatar's 16 channels) sizes the UNet's and ControlNet's ends to match,
+    and a frame renders through it."""
+    import dataclasses
+
+    from engine.renderer import Renderer
+    from engine.sequence import orbit
+
+    tiny = from_preset("tiny")
+    avatar = Avatar(tiny.replace(vae=dataclasses.replace(tiny.vae, latent_channels=8))).eval()
+    assert avatar.unet.config.in_channels == avatar.unet.config.out_channels == 8
+    assert avatar.controlnet.config.in_channels == 8
+    latent, t, condition, tokens = _inputs(avatar)
+    assert latent.shape[1] == 8
+    with torch.no_grad():
+        assert avatar.predict(latent, t, condition, tokens).shape == latent.shape
+        assert avatar.decode(latent).shape == (2, 3, tiny.image_size, tiny.image_size)
+    frame = orbit(avatar.config, frames=1)[0]
+    assert Renderer(avatar, steps=2).render(frame.camera, frame.expression).shape == (tiny.image_size,) * 2 + (3,)
 
 
 def test_head_model_spec_none():

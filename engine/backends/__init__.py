@@ -5,7 +5,7 @@ in their own modules and are imported only when chosen, so the reference path ne
 
 Every backend has the reference's interface (see `engine.renderer.ReferenceBackend`):
     condition(raster: RasterBuffers) -> [B, C, H, W]       the ControlNet input
-    denoise(condition, tokens [B, T, D]) -> [B, 4, h, w]  the final latent, from the renderer's fixed noise
+    denoise(condition, tokens [B, T, D]) -> [B, c, h, w]  the final latent, from the renderer's fixed noise
     decode(latent) -> [B, 3, H, W] float in [-1, 1]
     pixels(image) -> [B, H, W, 3] uint8
 """

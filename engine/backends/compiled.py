@@ -88,8 +88,8 @@ class CompiledBackend:
         self.config = avatar.config
         self.nets = HoistedNetworks(avatar, sampler.timesteps, self.dtype, self.device, decoder, channels_last)
         self.coefficients = [sampler.coefficients(i) for i in range(sampler.num_steps)]
-        self.latent = noise.latent[:1].to(self.device, torch.float32)  # [1, 4, h, w]
-        self.step_noise = noise.step_noise[:, :1].to(self.device, torch.float32)  # [N, 1, 4, h, w]
+        self.latent = noise.latent[:1].to(self.device, torch.float32)  # [1, c, h, w]
+        self.step_noise = noise.step_noise[:, :1].to(self.device, torch.float32)  # [N, 1, c, h, w]
         self._packed = self._fused_textures()
         use_side = parallel_controlnet and self.device.type == "cuda"
         self._controlnet_stream = torch.cuda.Stream(self.device) if use_side else None
@@ -213,7 +213,7 @@ class CompiledBackend:
         return out.copy_(cond) if out is not None else cond
 
     def denoise(self, condition: torch.Tensor, tokens: torch.Tensor, on_step=None) -> torch.Tensor:
-        """condition `[B, C, H, W]`, tokens `[B, T, D]` (any float dtype) -> final latent `[B, 4, h, w]` float32.
+        """condition `[B, C, H, W]`, tokens `[B, T, D]` (any float dtype) -> final latent `[B, c, h, w]` float32.
         Runs the whole frame (decode and pixels too: `decode`/`pixels` of this latent return its results)."""
         return self._frame(condition, tokens, on_step)[0]
 
@@ -235,7 +235,7 @@ class CompiledBackend:
     # -- measurements ----------------------------------------------------------------------------
     @torch.no_grad()
     def first_step(self, condition: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The first step's ControlNet + UNet output (v) `[B, 4, h, w]` float32, eagerly (fidelity checks)."""
+        """The first step's ControlNet + UNet output (v) `[B, c, h, w]` float32, eagerly (fidelity checks)."""
         self._check(condition, tokens)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         cond = condition.to(self.device, self.dtype).contiguous(memory_format=fmt)

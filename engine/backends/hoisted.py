@@ -183,7 +183,7 @@ class HoistedNetworks(nn.Module):
     # -- per step ----------------------------------------------------------------------------------
     def predict(self, i: int, x: torch.Tensor, cond_embedding: torch.Tensor, tokens: torch.Tensor,
                 side=None) -> torch.Tensor:
-        """Step i's prediction (v) `[B, 4, h, w]` in `dtype` for the latent `x` (in `dtype`): `Avatar.predict`.
+        """Step i's prediction (v) `[B, c, h, w]` in `dtype` for the latent `x` (in `dtype`): `Avatar.predict`.
         With a CUDA stream `side`, the ControlNet runs on it while the UNet's down blocks run on the current
         stream (the UNet needs the residuals only after them); the streams join before the residual adds."""
         self.state.i = i
@@ -201,7 +201,7 @@ class HoistedNetworks(nn.Module):
         return unet_up(self.unet, x, h, res, text, kwargs, down, mid)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """latent `[B, 4, h, w]` (any float dtype) -> image `[B, 3, H, W]` in `dtype`, nominally [-1, 1]."""
+        """latent `[B, c, h, w]` (any float dtype) -> image `[B, 3, H, W]` in `dtype`, nominally [-1, 1]."""
         z = (latent / self.scale).to(self.dtype)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
