@@ -2,6 +2,8 @@
 # The one prepared GPU run (issue "Real time on the GPU"): one H100 (or H200), about 4 minutes (DEADLINE, default 440 s), all under $OUT.
 #
 #   run: bash benchmarks/gpu.sh            (device tool: carry [".whl"], timeout_s 480; H200 2026-11-26: 234 s)
+#        bash benchmarks/gpu.sh levers     (the 4-step levers only, ~150 s: compiled and compiled-parallel with
+#        cuDNN-first attention, then the transformer blocks under torch.compile; tiny decoder and VAE)
 #   needs in .whl/: diffusers-0.42.1, importlib_metadata-10.2.0, lazy_importer-0.1.0, diffrp_nvdiffrast-0.3.3.1
 #
 # Order (most important first; each stage under `timeout`, each bench rewrites its JSON + Markdown per case):
@@ -40,12 +42,24 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', \
 torch.backends.cudnn.version(), 'diffusers', diffusers.__version__, torch.cuda.get_device_name())" || exit 1
 
+BENCH="python3 -m engine.cli bench --device cuda --sampler ddpm --repeat 5 --stream-frames 30"
+if [[ ${1:-} == levers ]]; then
+  stage "L1. sd21 4 steps: compiled, compiled-parallel; attention auto (cuDNN first)" 90 \
+    $BENCH --avatar sd21 --backends compiled,compiled-parallel --steps 4 --decoders tiny,vae --attention auto \
+    --no-fidelity --out "$OUT/bench_sd21_levers_auto"
+  stage "L2. sd21 4 steps: compiled-parallel, transformer blocks under torch.compile" 150 \
+    $BENCH --avatar sd21 --backends compiled-parallel --steps 4 --decoders tiny,vae --compile \
+    --no-fidelity --out "$OUT/bench_sd21_levers_compile"
+  for f in "$OUT"/bench_*.md; do [[ -f $f ]] && { echo; echo "----- $f"; cat "$f"; }; done
+  stamp "done"
+  exit 0
+fi
+
 stamp "nvdiffrast JIT build in the background"
 ( MAX_JOBS=6 TORCH_CUDA_ARCH_LIST=9.0 timeout 420 python3 -c "from engine.raster.nvdiffrast_raster import \
 get_context; get_context('cuda'); print('nvdiffrast ready')" > /tmp/nvdiffrast_build.log 2>&1 ) &
 BUILD=$!
 
-BENCH="python3 -m engine.cli bench --device cuda --sampler ddpm --repeat 5 --stream-frames 30"
 stage "1. sd21 512: reference fp16 vs compiled fp16, 4 and 20 steps" 230 \
   $BENCH --avatar sd21 --backends reference,compiled,compiled-parallel --dtypes float16 --steps 4,20 \
   --raster torch --out "$OUT/bench_sd21"
