@@ -9,7 +9,8 @@ drawn with a seed no dataset uses (`HELD_OUT_SEED`). Generator, dataset and avat
 Reported (JSON, or a short table): PSNR over the whole frame and inside the ground truth's head mask, SSIM, mean and
 per frame; temporal flicker on a smooth camera + expression sequence (mean absolute difference of consecutive frames
 in [0, 1] units, of the prediction and of the ground truth, and their ratio: 1 is as steady as the truth); the
-neutral-code comparison (head-mask PSNR of the more expressive half of the frames rendered with their true code
+autoencoder ceiling (the same scores of decode(encode(ground truth)) by the avatar's VAE: no rendered frame can beat
+what its VAE keeps); the neutral-code comparison (head-mask PSNR of the more expressive half of the frames rendered with their true code
 minus the same frames rendered with the neutral code: how much the expression code is honoured); LPIPS with
 `--lpips-weights`. With `--out`, also `metrics.json` and `grid.png` (prediction | ground truth | error).
 """
@@ -72,6 +73,19 @@ def frame_scores(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -
         for i, v in zip(covered.nonzero().flatten().tolist(), values):
             inside[i] = v
     return [{"psnr": a, "psnr_mask": b, "ssim": c} for a, b, c in zip(whole, inside, structure)]
+
+
+@torch.no_grad()
+def autoencoder_images(vae, target: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+    """decode(encode(target)) with the posterior mean, `[B, 3, H, W]` in [0, 1]: what the avatar's VAE alone keeps of
+    the ground truth, the ceiling every frame the diffusion model renders sits under."""
+    weight = next(vae.parameters())
+    chunks = []
+    for part in target.split(batch_size):
+        x = (part * 2 - 1).to(weight.device, weight.dtype)
+        image = vae.decode(vae.encode(x).latent_dist.mean).sample
+        chunks.append((image.float().cpu() / 2 + 0.5).clamp(0, 1))
+    return torch.cat(chunks)
 
 
 def save_grid(path: str | Path, pred: torch.Tensor, target: torch.Tensor) -> Path:
@@ -247,6 +261,8 @@ def evaluate(avatar, data: str | Path | None = None, frames: int = 16, sampler: 
               "frames": len(held), "sampler": sampler, "steps": steps}
     for key in scores[0]:
         result[key] = _mean(s[key] for s in scores)
+    ceiling = frame_scores(autoencoder_images(avatar.vae, truth, batch_size), truth, mask)
+    result["autoencoder"] = {key: _mean(s[key] for s in ceiling) for key in ceiling[0]}
     seq_pred = render(sequence)
     seq_truth = torch.stack([f.image for f in sequence])
     moving, steady = flicker(seq_pred), flicker(seq_truth)
@@ -362,6 +378,9 @@ def format_table(result: dict) -> str:
     rows = [("PSNR (frame)", "psnr", "dB"), ("PSNR (head mask)", "psnr_mask", "dB"), ("SSIM", "ssim", ""),
             ("LPIPS", "lpips", "")]
     lines += [f"  {name:<22} {_num(result[key], 8, 3)} {unit}" for name, key, unit in rows if key in result]
+    a = result["autoencoder"]
+    lines.append(f"  {'VAE ceiling':<22} {_num(a['psnr'], 8, 3)} dB frame, {_num(a['psnr_mask'], 0, 3)} dB head mask, "
+                 f"SSIM {_num(a['ssim'], 0, 3)}  (decode(encode(ground truth)))")
     f, n = result["flicker"], result["neutral"]
     lines.append(f"  {'flicker (pred / GT)':<22} {_num(f['prediction'], 8, 4)} / {_num(f['ground_truth'], 0, 4)}"
                  f"  ratio {_num(f['ratio'], 0, 2)}")

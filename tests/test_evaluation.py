@@ -10,12 +10,13 @@ import torch
 from engine.data.synthetic import SYNTHETIC_VERSION, SyntheticHead, default_rig_cameras
 from engine.data.write_synthetic import write_synthetic_dataset
 from engine.errors import BackendError, CheckpointError, ConfigError
-from engine.evaluation import (LPIPS, add_arguments, evaluate, format_table, frame_scores, held_out_cameras, run,
-                               turn_camera)
+from engine.evaluation import (LPIPS, add_arguments, autoencoder_images, evaluate, format_table, frame_scores,
+                               held_out_cameras, run, turn_camera)
 from engine.model import Avatar
 from test_training import tiny_config, write_dataset
 
-KEYS = {"avatar", "data", "frames", "sampler", "steps", "psnr", "psnr_mask", "ssim", "flicker", "neutral", "per_frame"}
+KEYS = {"avatar", "data", "frames", "sampler", "steps", "psnr", "psnr_mask", "ssim", "autoencoder", "flicker", "neutral",
+        "per_frame"}
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,28 @@ def test_frame_scores_and_mask():
     assert math.isnan(scores[1]["psnr_mask"])  # empty mask
 
 
+def test_autoencoder_images_round_trip_the_vae():
+    """A lossless stand-in VAE gives back the target; a real one is scored the same way inside `evaluate`."""
+    from types import SimpleNamespace
+
+    class Lossless(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.ones(()))
+
+        def encode(self, x):
+            return SimpleNamespace(latent_dist=SimpleNamespace(mean=x * self.gain))
+
+        def decode(self, z):
+            return SimpleNamespace(sample=z / self.gain)
+
+    target = torch.rand(5, 3, 8, 8)
+    assert torch.allclose(autoencoder_images(Lossless(), target, batch_size=2), target, atol=1e-6)
+    size = _synthetic_avatar().config.image_size
+    real = autoencoder_images(_synthetic_avatar().vae, torch.rand(2, 3, size, size))
+    assert real.shape == (2, 3, size, size) and 0 <= real.min() and real.max() <= 1
+
+
 def test_held_out_cameras_are_not_rig_cameras():
     rig = default_rig_cameras(12, 32)
     held = held_out_cameras(32)
@@ -56,6 +79,7 @@ def test_evaluate_regenerates_synthetic_frames(tmp_path):
     assert KEYS <= set(result) and len(result["per_frame"]) == 3
     assert result["flicker"]["frames"] == 3 and result["flicker"]["ground_truth"] > 0
     assert result["neutral"]["neutral_mesh"] is True and len(result["neutral"]["frames"]) == 1
+    assert set(result["autoencoder"]) == {"psnr", "psnr_mask", "ssim"} and 0 < result["autoencoder"]["psnr"] < 60
     assert all(0 < f["psnr"] < 60 and -1 <= f["ssim"] <= 1 for f in result["per_frame"])
     assert json.loads((tmp_path / "metrics.json").read_text())["psnr"] == result["psnr"]
     assert (tmp_path / "grid.png").is_file()
