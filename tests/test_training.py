@@ -111,6 +111,32 @@ def test_overfits_one_fixed_batch(data):
     assert losses[-1] < 0.5 * losses[0], losses[::10]
 
 
+def test_stage_one_vae_is_used_deterministically(data):
+    """A VAE trained in stage 1 decodes and diffuses its posterior means (the posterior noise changes nothing);
+    the release recipe's pretrained VAE is sampled as diffusers' SD training does."""
+    import dataclasses
+
+    from engine.training.objectives import measure_scaling_factor
+
+    dataset = AvatarDataset(data, "train")
+    batch = collate([dataset[i] for i in range(2)])
+    avatar = _avatar()
+    raster = rasterize_batch(batch["mesh"], batch["camera"], avatar.config, "cpu")
+    draws = draw(torch.Generator().manual_seed(0), 2, avatar.config)
+    other = dataclasses.replace(draws, posterior=torch.randn_like(draws.posterior))
+    losses = {}
+    for sample in (True, False):
+        module = TrainingModule(avatar, sample_latents=sample)
+        with torch.no_grad():
+            losses[sample] = [module(batch["image"], raster, batch["expression"], d).item() for d in (draws, other)]
+            vae = [module(batch["image"], None, batch["expression"], d, "vae").item() for d in (draws, other)]
+        assert vae[0] == vae[1]
+    assert losses[False][0] == losses[False][1] and losses[True][0] != losses[True][1]
+    with torch.no_grad():
+        means = avatar.vae.encode(batch["image"]).latent_dist.mean
+    assert measure_scaling_factor(avatar.vae, batch["image"], None) == pytest.approx(1 / means.std().item(), rel=1e-5)
+
+
 def test_step_batches_resume_anywhere():
     full = list(StepBatches(5, 2, seed=3, start=0, end=7))
     assert list(StepBatches(5, 2, seed=3, start=4, end=7)) == full[4:]

@@ -150,7 +150,7 @@ def train(avatar, dataset, out: str | Path, config: "TrainConfig", *, validation
     for name in ("networks", "textures") + (("vae",) if train_vae else ()):
         for p in groups[name]:
             p.requires_grad_(True)
-    module = TrainingModule(avatar, config.vae_kl_weight).train()
+    module = TrainingModule(avatar, config.vae_kl_weight, sample_latents=config.recipe == "release").train()
     optimizer = torch.optim.AdamW([
         {"params": groups["networks"], "lr": config.lr, "weight_decay": config.weight_decay},
         {"params": groups["textures"], "lr": config.texture_lr, "weight_decay": 0.0},
@@ -186,7 +186,7 @@ def train(avatar, dataset, out: str | Path, config: "TrainConfig", *, validation
         step = state.step
         stage = "vae" if step < vae_steps else "diffusion"
         if stage == "diffusion" and train_vae and state.scaling_factor is None:
-            state.scaling_factor = _measure(avatar, dataset, collate_fn, config.seed)
+            state.scaling_factor = _measure(avatar, dataset, collate_fn)
             _set_scaling_factor(avatar, state.scaling_factor)
             _log(accelerator, out, {"step": step, "event": "vae_scaling_factor", "value": state.scaling_factor})
         generator = torch.Generator().manual_seed(tensor_seed(config.seed, f"step:{step}:rank:{rank}"))
@@ -230,14 +230,13 @@ def _set_scaling_factor(avatar, value: float) -> None:
     avatar.vae.register_to_config(scaling_factor=float(value))
 
 
-def _measure(avatar, dataset, collate_fn, seed: int) -> float:
-    """The stage-1 scaling factor over up to SCALE_IMAGES images spread evenly over the dataset (the same on every
-    process, so no broadcast is needed)."""
+def _measure(avatar, dataset, collate_fn) -> float:
+    """The stage-1 scaling factor of the posterior means (what stage 2 diffuses) over up to SCALE_IMAGES images spread
+    evenly over the dataset (the same on every process, so no broadcast is needed)."""
     n = min(SCALE_IMAGES, len(dataset))
     indices = np.linspace(0, len(dataset) - 1, n).round().astype(int).tolist()
     images = collate_fn([dataset[i] for i in indices])["image"]
-    generator = torch.Generator().manual_seed(tensor_seed(seed, "vae_scaling_factor"))
-    return measure_scaling_factor(avatar.vae, images, generator)
+    return measure_scaling_factor(avatar.vae, images, None)
 
 
 def _checkpoint(accelerator, avatar, out: Path, step: int, keep: int) -> None:

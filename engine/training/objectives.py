@@ -6,9 +6,15 @@ makes, and a test can hold a batch, its noise and its timesteps fixed.
 
 Diffusion step, per sample: rasterise the mesh from the camera (`rasterize_batch`, torch backend),
 `build_condition` (differentiable w.r.t. the neural textures), x0 = VAE posterior sample * scaling_factor (frozen
-VAE, fp32; a sample, not the mean, as diffusers' SD training does, with its noise in `Draws`), t ~ U{0..T-1},
+VAE, fp32; a sample, not the mean, as diffusers' SD training does, with its noise in `Draws`; the posterior mean for a
+VAE trained in stage 1, see below), t ~ U{0..T-1},
 eps ~ N(0, 1), x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, target v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0 (Salimans &
 Ho 2022), loss = MSE(avatar.predict(x_t, t, condition, tokens), v).
+
+A VAE trained here (stage 1 of the scratch recipe) is used as a deterministic autoencoder: stage 1 decodes the
+posterior mean and stage 2 diffuses it. With the tiny KL weight, a short run leaves the channels it does not use at
+the prior (posterior std ~1) and the used ones noisy (std ~0.3 against means ~1; measured on the demo's pilot):
+sampling would train the decoder on noisy latents and hand the denoiser pure noise to predict in most channels.
 """
 
 from __future__ import annotations
@@ -110,13 +116,16 @@ class TrainingModule(nn.Module):
     schedule) are not persistent: checkpoints hold exactly `avatar.*`.
     """
 
-    def __init__(self, avatar: nn.Module, vae_kl_weight: float = 1e-6):
+    def __init__(self, avatar: nn.Module, vae_kl_weight: float = 1e-6, sample_latents: bool = True):
+        """`sample_latents`: stage 2 diffuses posterior samples (the release's pretrained SD VAE); False: posterior
+        means (a VAE trained in stage 1, see the module docstring)."""
         super().__init__()
         if avatar.config.schedule.prediction_type != "v_prediction":
             raise ConfigError("training follows model.md's v-prediction; the avatar's schedule predicts "
                               f"{avatar.config.schedule.prediction_type!r}: use prediction_type='v_prediction'")
         self.avatar = avatar
         self.vae_kl_weight = vae_kl_weight
+        self.sample_latents = sample_latents
         ab = NoiseSchedule(avatar.config.schedule).alphas_cumprod
         self.register_buffer("sqrt_ab", ab.sqrt(), persistent=False)
         self.register_buffer("sqrt_1m_ab", (1 - ab).sqrt(), persistent=False)
@@ -138,7 +147,8 @@ class TrainingModule(nn.Module):
             condition = build_condition(raster, avatar.textures, config.conditioning)
             with torch.no_grad():
                 posterior = avatar.vae.encode(images).latent_dist
-                x0 = (posterior.mean + posterior.std * draws.posterior) * config.vae.scaling_factor
+                z = posterior.mean + posterior.std * draws.posterior if self.sample_latents else posterior.mean
+                x0 = z * config.vae.scaling_factor
         t = draws.timesteps
         a = self.sqrt_ab[t].view(-1, 1, 1, 1)
         b = self.sqrt_1m_ab[t].view(-1, 1, 1, 1)
@@ -148,27 +158,29 @@ class TrainingModule(nn.Module):
         return F.mse_loss(prediction.float(), target)
 
     def vae_loss(self, images: torch.Tensor, draws: Draws) -> torch.Tensor:
-        """Stage 1: L1 reconstruction (mean over pixels) + vae_kl_weight * KL(posterior || N(0, 1)) (sum over latent
-        values, mean over the batch), decoding a posterior sample."""
+        """Stage 1: L1 reconstruction (mean over pixels) of the decoded posterior mean + vae_kl_weight *
+        KL(posterior || N(0, 1)) (sum over latent values, mean over the batch)."""
         vae = self.avatar.vae
         posterior = vae.encode(images).latent_dist
-        z = posterior.mean + posterior.std * draws.posterior.to(posterior.mean.dtype)
-        reconstruction = vae.decode(z).sample
+        reconstruction = vae.decode(posterior.mean).sample
         kl = posterior.kl().float().mean()
         return F.l1_loss(reconstruction.float(), images) + self.vae_kl_weight * kl
 
 
 @torch.no_grad()
-def measure_scaling_factor(vae: nn.Module, images: torch.Tensor, generator: torch.Generator,
+def measure_scaling_factor(vae: nn.Module, images: torch.Tensor, generator: torch.Generator | None,
                            batch_size: int = 8) -> float:
     """1 / std of the VAE's posterior samples over `images` `[N, 3, H, W]` in [-1, 1] (how SD's 0.18215 was found):
-    the factor that gives the diffusion model unit-variance latents. Noise from `generator` (CPU)."""
+    the factor that gives the diffusion model unit-variance latents. Noise from `generator` (CPU); `generator=None`
+    measures the posterior means (the latents stage 2 diffuses for a VAE trained in stage 1)."""
     device = next(vae.parameters()).device
     samples = []
     for chunk in images.split(batch_size):
         posterior = vae.encode(chunk.to(device, torch.float32)).latent_dist
-        eps = torch.randn(posterior.mean.shape, generator=generator).to(device)
-        samples.append((posterior.mean + posterior.std * eps).float().flatten())
+        z = posterior.mean
+        if generator is not None:
+            z = z + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
+        samples.append(z.float().flatten())
     std = torch.cat(samples).std().item()
     if not math.isfinite(std) or std <= 0:
         raise ConfigError(f"the trained VAE's latents have standard deviation {std}; stage 1 diverged: lower "
