@@ -10,9 +10,9 @@ Reported (JSON, or a short table): PSNR over the whole frame and inside the grou
 per frame; temporal flicker on a smooth camera + expression sequence (mean absolute difference of consecutive frames
 in [0, 1] units, of the prediction and of the ground truth, and their ratio: 1 is as steady as the truth); the
 autoencoder ceiling (the same scores of decode(encode(ground truth)) by the avatar's VAE: no rendered frame can beat
-what its VAE keeps); the neutral-code comparison (head-mask PSNR of the more expressive half of the frames rendered with their true code
-minus the same frames rendered with the neutral code: how much the expression code is honoured); LPIPS with
-`--lpips-weights`. With `--out`, also `metrics.json` and `grid.png` (prediction | ground truth | error).
+what its VAE keeps); the neutral-code comparison (head-mask PSNR of the more expressive half of the frames rendered
+with their true code minus the same frames rendered with the neutral code: how much the expression code is
+honoured); LPIPS with `--lpips-weights`. With `--out`, also `metrics.json` and `grid.png` (prediction | ground truth | error).
 """
 
 from __future__ import annotations
