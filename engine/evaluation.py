@@ -12,7 +12,8 @@ in [0, 1] units, of the prediction and of the ground truth, and their ratio: 1 i
 autoencoder ceiling (the same scores of decode(encode(ground truth)) by the avatar's VAE: no rendered frame can beat
 what its VAE keeps); the neutral-code comparison (head-mask PSNR of the more expressive half of the frames rendered
 with their true code minus the same frames rendered with the neutral code: how much the expression code is
-honoured); LPIPS with `--lpips-weights`. With `--out`, also `metrics.json` and `grid.png` (prediction | ground truth | error).
+honoured); LPIPS with `--lpips-weights`. With `--out`, also `metrics.json` and `grid.png` (prediction | ground
+truth | error).
 """
 
 from __future__ import annotations

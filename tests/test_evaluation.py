@@ -15,8 +15,8 @@ from engine.evaluation import (LPIPS, add_arguments, autoencoder_images, evaluat
 from engine.model import Avatar
 from test_training import tiny_config, write_dataset
 
-KEYS = {"avatar", "data", "frames", "sampler", "steps", "psnr", "psnr_mask", "ssim", "autoencoder", "flicker", "neutral",
-        "per_frame"}
+KEYS = {"avatar", "data", "frames", "sampler", "steps", "psnr", "psnr_mask", "ssim", "autoencoder", "flicker",
+        "neutral", "per_frame"}
 
 
 @pytest.fixture(scope="module")
