@@ -147,9 +147,9 @@ class Avatar(nn.Module):
     ) -> torch.Tensor:
         """One denoiser evaluation exactly as the release: ControlNet residuals, then the UNet.
 
-        latent `[B, c, h, w]` (c = config.vae.latent_channels), timestep LongTensor `[]` or `[B]`, condition `[B, C, 8h, 8w]` (C =
-        config.condition_channels, values in [-1, 1] as built by `build_condition`), tokens `[B, T, D]`
-        (`expression_tokens`), all on the avatar's device. Returns the prediction (v for the release's
+        latent `[B, c, h, w]` (c = config.vae.latent_channels), timestep LongTensor `[]` or `[B]`, condition
+        `[B, C, 8h, 8w]` (C = config.condition_channels, values in [-1, 1] as built by `build_condition`), tokens
+        `[B, T, D]` (`expression_tokens`), all on the avatar's device. Returns the prediction (v for the release's
         schedule) `[B, c, h, w]` in the UNet's compute dtype.
         """
         self._check_predict(latent, timestep, condition, tokens)

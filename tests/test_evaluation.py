@@ -56,8 +56,9 @@ def test_autoencoder_images_round_trip_the_vae():
 
     target = torch.rand(5, 3, 8, 8)
     assert torch.allclose(autoencoder_images(Lossless(), target, batch_size=2), target, atol=1e-6)
-    size = _synthetic_avatar().config.image_size
-    real = autoencoder_images(_synthetic_avatar().vae, torch.rand(2, 3, size, size))
+    avatar = _synthetic_avatar()
+    size = avatar.config.image_size
+    real = autoencoder_images(avatar.vae, torch.rand(2, 3, size, size))
     assert real.shape == (2, 3, size, size) and 0 <= real.min() and real.max() <= 1
 
 

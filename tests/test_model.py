@@ -140,7 +140,7 @@ def test_predict_and_decode_reject_bad_shapes(tiny_avatar):
 
 
 def test_latent_channels_follow_the_vae():
-    """A VAE with a wider latent (the demo avatar's 16 channels) sizes the UNet's and ControlNet's ends to match,
+    """A VAE with a wider latent (the demo avatar's 8 channels) sizes the UNet's and ControlNet's ends to match,
     and a frame renders through it."""
     import dataclasses
 

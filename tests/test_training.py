@@ -134,7 +134,7 @@ def test_stage_one_vae_is_used_deterministically(data):
     assert losses[False][0] == losses[False][1] and losses[True][0] != losses[True][1]
     with torch.no_grad():
         means = avatar.vae.encode(batch["image"]).latent_dist.mean
-    assert measure_scaling_factor(avatar.vae, batch["image"], None) == pytest.approx(1 / means.std().item(), rel=1e-5)
+    assert measure_scaling_factor(avatar.vae, batch["image"]) == pytest.approx(1 / means.std().item(), rel=1e-5)
 
 
 def test_step_batches_resume_anywhere():

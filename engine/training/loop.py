@@ -236,7 +236,7 @@ def _measure(avatar, dataset, collate_fn) -> float:
     n = min(SCALE_IMAGES, len(dataset))
     indices = np.linspace(0, len(dataset) - 1, n).round().astype(int).tolist()
     images = collate_fn([dataset[i] for i in indices])["image"]
-    return measure_scaling_factor(avatar.vae, images, None)
+    return measure_scaling_factor(avatar.vae, images)
 
 
 def _checkpoint(accelerator, avatar, out: Path, step: int, keep: int) -> None:

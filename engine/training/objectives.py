@@ -137,7 +137,7 @@ class TrainingModule(nn.Module):
         scalar loss of `stage` ("vae" or "diffusion")."""
         images = images.float()
         if stage == "vae":
-            return self.vae_loss(images, draws)
+            return self.vae_loss(images)
         if stage != "diffusion":
             raise ConfigError(f"unknown training stage {stage!r}; use one of {STAGES}")
         avatar, config = self.avatar, self.avatar.config
@@ -157,7 +157,7 @@ class TrainingModule(nn.Module):
         prediction = avatar.predict(noisy, t, condition, avatar.expression_tokens(codes))
         return F.mse_loss(prediction.float(), target)
 
-    def vae_loss(self, images: torch.Tensor, draws: Draws) -> torch.Tensor:
+    def vae_loss(self, images: torch.Tensor) -> torch.Tensor:
         """Stage 1: L1 reconstruction (mean over pixels) of the decoded posterior mean + vae_kl_weight *
         KL(posterior || N(0, 1)) (sum over latent values, mean over the batch)."""
         vae = self.avatar.vae
@@ -168,19 +168,13 @@ class TrainingModule(nn.Module):
 
 
 @torch.no_grad()
-def measure_scaling_factor(vae: nn.Module, images: torch.Tensor, generator: torch.Generator | None,
-                           batch_size: int = 8) -> float:
-    """1 / std of the VAE's posterior samples over `images` `[N, 3, H, W]` in [-1, 1] (how SD's 0.18215 was found):
-    the factor that gives the diffusion model unit-variance latents. Noise from `generator` (CPU); `generator=None`
-    measures the posterior means (the latents stage 2 diffuses for a VAE trained in stage 1)."""
+def measure_scaling_factor(vae: nn.Module, images: torch.Tensor, batch_size: int = 8) -> float:
+    """1 / std of the VAE's posterior means over `images` `[N, 3, H, W]` in [-1, 1]: the factor that gives the
+    diffusion model unit-variance latents, for a VAE trained in stage 1 (whose means stage 2 diffuses)."""
     device = next(vae.parameters()).device
     samples = []
     for chunk in images.split(batch_size):
-        posterior = vae.encode(chunk.to(device, torch.float32)).latent_dist
-        z = posterior.mean
-        if generator is not None:
-            z = z + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
-        samples.append(z.float().flatten())
+        samples.append(vae.encode(chunk.to(device, torch.float32)).latent_dist.mean.float().flatten())
     std = torch.cat(samples).std().item()
     if not math.isfinite(std) or std <= 0:
         raise ConfigError(f"the trained VAE's latents have standard deviation {std}; stage 1 diverged: lower "
