@@ -139,20 +139,27 @@ def test_predict_and_decode_reject_bad_shapes(tiny_avatar):
         avatar.decode(latent[0])
 
 
-def test_latent_channels_follow_the_vae():
-    """A VAE with a wider latent (the demo avatar's 8 channels) sizes the UNet's and ControlNet's ends to match,
-    and a frame renders through it."""
+@pytest.mark.parametrize("vae_blocks, channels, embedding", [
+    ((16, 32, 32, 32), 8, (16, 16, 32, 32)),  # an 8-channel latent at 1/8 of the image
+    ((16, 32, 64), 4, (16, 32, 32)),  # the demo avatar's shape: a 4-channel latent at 1/4
+])
+def test_latent_shape_follows_the_vae(vae_blocks, channels, embedding):
+    """The VAE's latent channels and downsampling size the UNet's and ControlNet's ends, the ControlNet's
+    conditioning embedding and the sampler's noise, and a frame renders through them."""
     import dataclasses
 
     from engine.renderer import Renderer
     from engine.sequence import orbit
 
     tiny = from_preset("tiny")
-    avatar = Avatar(tiny.replace(vae=dataclasses.replace(tiny.vae, latent_channels=8))).eval()
-    assert avatar.unet.config.in_channels == avatar.unet.config.out_channels == 8
-    assert avatar.controlnet.config.in_channels == 8
+    vae = dataclasses.replace(tiny.vae, block_out_channels=vae_blocks, latent_channels=channels)
+    avatar = Avatar(tiny.replace(vae=vae, conditioning_embedding_channels=embedding)).eval()
+    side = tiny.image_size // 2 ** (len(vae_blocks) - 1)
+    assert avatar.config.latent_size == side
+    assert avatar.unet.config.in_channels == avatar.unet.config.out_channels == channels
+    assert avatar.controlnet.config.in_channels == channels
     latent, t, condition, tokens = _inputs(avatar)
-    assert latent.shape[1] == 8
+    assert latent.shape[1:] == (channels, side, side)
     with torch.no_grad():
         assert avatar.predict(latent, t, condition, tokens).shape == latent.shape
         assert avatar.decode(latent).shape == (2, 3, tiny.image_size, tiny.image_size)
