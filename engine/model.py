@@ -148,9 +148,9 @@ class Avatar(nn.Module):
         """One denoiser evaluation exactly as the release: ControlNet residuals, then the UNet.
 
         latent `[B, c, h, w]` (c = config.vae.latent_channels), timestep LongTensor `[]` or `[B]`, condition
-        `[B, C, 8h, 8w]` (C = config.condition_channels, values in [-1, 1] as built by `build_condition`), tokens
-        `[B, T, D]` (`expression_tokens`), all on the avatar's device. Returns the prediction (v for the release's
-        schedule) `[B, c, h, w]` in the UNet's compute dtype.
+        `[B, C, fh, fw]` (f = config.vae.downsample, C = config.condition_channels, values in [-1, 1] as built by
+        `build_condition`), tokens `[B, T, D]` (`expression_tokens`), all on the avatar's device. Returns the
+        prediction (v for the release's schedule) `[B, c, h, w]` in the UNet's compute dtype.
         """
         self._check_predict(latent, timestep, condition, tokens)
         prompt = self.prompt_embedding.expand(latent.shape[0], -1, -1)
@@ -173,8 +173,8 @@ class Avatar(nn.Module):
         )[0]
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Latent `[B, c, h, w]` -> image `[B, 3, 8h, 8w]`, nominally in [-1, 1] (not clamped, like the release,
-        which clamps when converting to 8-bit)."""
+        """Latent `[B, c, h, w]` -> image `[B, 3, fh, fw]` (f = config.vae.downsample), nominally in [-1, 1] (not
+        clamped, like the release, which clamps when converting to 8-bit)."""
         if latent.dim() != 4 or latent.shape[1] != self.config.vae.latent_channels:
             raise InputError(
                 f"decode needs a latent [B, {self.config.vae.latent_channels}, h, w], got {tuple(latent.shape)}"
