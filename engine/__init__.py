@@ -14,9 +14,12 @@ def __getattr__(name):
     if name == "Avatar":
         from .model import Avatar
         return Avatar
-    if name in ("Renderer", "Frame"):
-        from . import renderer
-        return getattr(renderer, name)
+    if name == "Renderer":
+        from .renderer import Renderer
+        return Renderer
+    if name == "Frame":
+        from .frame import Frame
+        return Frame
     if name in ("Camera", "Mesh"):
         from . import geometry
         return getattr(geometry, name)

@@ -33,7 +33,7 @@ import torch
 from .errors import ConfigError
 from .geometry import Mesh
 from .raster import rasterize
-from .renderer import Frame, as_codes
+from .frame import Frame, as_codes
 
 STAGES = ("upload", "raster", "compute", "copy")
 
@@ -147,7 +147,6 @@ class RenderPipeline:
         self.meshes = [MeshBuffers(self.device, faces_dtype, pin=self.cuda) for _ in range(depth)]
         self._cond, self._tokens = [None] * depth, [None] * depth
         self._mask, self._out, self._host = [None] * depth, [None] * depth, [None] * depth
-        self._frame_fn = getattr(self.backend, "frame", None) or self._generic_frame
         self._n = 0
         self.records: list[FrameRecord] = []
 
@@ -214,7 +213,7 @@ class RenderPipeline:
             s.wait_event(ev["raster"][k])
             s.wait_event(ev["copy"][k])  # this slot's output pixels were copied to the host
             mark("compute0", s)
-            pixels = self._frame_fn(self._cond[k], self._tokens[k])
+            pixels = self.backend.frame(self._cond[k], self._tokens[k])
             ev["cond_free"][k].record(s)
             if self._out[k] is None:
                 b, h, w, _ = pixels.shape
@@ -241,12 +240,11 @@ class RenderPipeline:
         return _InFlight(n, k, t0, (time.perf_counter() - t0) * 1e3, mesh.num_faces, timers)
 
     def _condition(self, raster, k: int) -> None:
-        """The conditioning image into slot k (in place when the backend can write into a buffer)."""
-        b = self.backend
-        if self._cond[k] is not None and getattr(b, "supports_condition_out", False):
-            b.condition(raster, out=self._cond[k])
+        """The conditioning image into slot k (in place once the slot's buffer exists)."""
+        if self._cond[k] is None:
+            self._cond[k] = self.backend.condition(raster)
         else:
-            self._cond[k] = _into(self._cond[k], b.condition(raster))
+            self.backend.condition(raster, out=self._cond[k])
 
     def _collect(self, f: _InFlight) -> np.ndarray:
         self._events["copy"][f.slot].synchronize()
@@ -255,14 +253,9 @@ class RenderPipeline:
         record = FrameRecord(f.index, (done - f.t_submit) * 1e3, f.host_ms, f.faces, done)
         if f.timers:
             record.gpu_ms = {s: f.timers[f"{s}0"].elapsed_time(f.timers[f"{s}1"]) for s in STAGES}
-            stage_times = getattr(self.backend, "stage_times", None)
-            record.graph_ms = stage_times() if stage_times is not None else None
+            record.graph_ms = self.backend.stage_times()
         self.records.append(record)
         return image[0]
-
-    def _generic_frame(self, condition: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        b = self.backend
-        return b.pixels(b.decode(b.denoise(condition, tokens)))
 
 
 def _into(buffer: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:

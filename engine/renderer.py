@@ -1,55 +1,38 @@
-"""`Renderer`: the reference frame pipeline, and the numerical specification for every fast backend.
+"""`Renderer`: frames of an avatar from cameras and expression codes; its reference path is the specification.
 
-    camera + mesh -> rasterize -> RasterBuffers -> build_condition -> [B, C, H, W]
-    expression code -> expression tokens [B, T, D]
-    fixed noise -> N x (ControlNet + UNet -> sampler step) -> latent [B, c, h, w] -> VAE decode -> uint8 RGB
+Where each stage of `Renderer.render(camera, code)` lives, in the order the data flows:
 
-Identical inputs give bit-identical frames on the same CPU machine at a fixed thread count.
+    code -> posed mesh                 `engine.heads` `HeadModel.posed_mesh` (unless a mesh is given)
+    camera + mesh -> RasterBuffers     `engine.raster.rasterize` (torch reference, nvdiffrast on CUDA)
+    RasterBuffers -> condition         `Backend.condition` -> `engine.conditioning.build_condition` [B, C, H, W]
+    code -> expression tokens          `Avatar.expression_tokens` (`engine.model`) [B, T, D]
+    fixed noise -> N steps -> latent   `Backend.denoise` -> `engine.sampling.denoise`, the one loop of every
+                                       backend: per step `Backend.predict` (reference: `Avatar.predict`, diffusers'
+                                       ControlNet + UNet) then `Sampler.step`; `engine.sampling.FixedNoise`
+    latent -> image -> uint8 RGB       `Backend.decode` (reference: `Avatar.decode`, the VAE) ->
+                                       `engine.frame.to_pixels`
+
+`Backend` (`engine.backends`) composes the last three as `Backend.frame`; the backend is chosen by name
+(`reference` in `engine.backends.reference`, `compiled` beside it). Identical inputs give bit-identical frames on
+the same CPU machine at a fixed thread count.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .backends import backend_class, default_backend
-from .conditioning import build_condition
 from .errors import ConfigError, InputError
+from .frame import Frame, as_codes
 from .geometry import Camera, Mesh
 from .model import Avatar
 from .raster import rasterize
 from .sampling import FixedNoise, NoiseSchedule, make_sampler
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class Frame:
-    """One frame's inputs: a camera, an expression code [E] and optionally a posed mesh."""
-
-    camera: Camera
-    expression: torch.Tensor
-    mesh: Mesh | None = None
-
-
-def to_pixels(image: torch.Tensor) -> torch.Tensor:
-    """Decoder output [B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8 (the release's (x / 2 + 0.5).clamp(0, 1))."""
-    return ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-
-
-def as_codes(expressions) -> torch.Tensor:
-    """Expression code(s) as a float32 CPU tensor [B, E] (one code [E] becomes [1, E])."""
-    codes = expressions if torch.is_tensor(expressions) else torch.from_numpy(np.asarray(expressions, np.float32))
-    codes = codes.detach().to("cpu", torch.float32)
-    if codes.ndim == 1:
-        codes = codes[None]
-    if codes.ndim != 2:
-        raise InputError(f"expression codes must be [E] or [B, E], got shape {tuple(codes.shape)}")
-    return codes
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -60,50 +43,6 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if dtype not in DTYPES.values():
         raise ConfigError(f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
     return dtype
-
-
-class ReferenceBackend:
-    """The straightforward loop, as the release runs it: eager, every constant recomputed in every step.
-
-    float32 is the fidelity reference; float16/bfloat16 run under autocast (the release's own way, and the speed
-    baseline that benchmarks compare against).
-    """
-
-    name = "reference"
-
-    def __init__(self, avatar: Avatar, sampler, noise: FixedNoise, device: torch.device,
-                 dtype: torch.dtype | None = None):
-        self.avatar, self.sampler, self.noise, self.device = avatar, sampler, noise, device
-        self.dtype = torch.float32 if dtype is None else dtype
-
-    def _autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-    def condition(self, raster) -> torch.Tensor:
-        return build_condition(raster, self.avatar.textures, self.avatar.config.conditioning)
-
-    def denoise(self, condition: torch.Tensor, tokens: torch.Tensor, on_step=None) -> torch.Tensor:
-        """Run the sampler from the fixed noise; `on_step(i)` (optional) is called after each step (for timing)."""
-        batch = condition.shape[0]
-        sample = self.noise.latent.expand(batch, -1, -1, -1)
-        for i, t in enumerate(self.sampler.timesteps.tolist()):
-            timestep = torch.tensor(t, device=self.device)
-            with self._autocast():
-                v = self.avatar.predict(sample, timestep, condition, tokens)
-            noise = self.noise.step_noise[i].expand(batch, -1, -1, -1)
-            sample = self.sampler.step(i, v.float(), sample, noise).prev_sample
-            if on_step is not None:
-                on_step(i)
-        return sample
-
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
-            return self.avatar.decode(latent).float()
-
-    def pixels(self, image: torch.Tensor) -> torch.Tensor:
-        return to_pixels(image)
 
 
 class Renderer:
@@ -195,9 +134,7 @@ class Renderer:
             for cam, c, m in zip(cameras, codes, meshes)
         ]
         raster = buffers[0] if len(buffers) == 1 else type(buffers[0]).cat(buffers)
-        condition = self.backend.condition(raster)
-        latent = self.backend.denoise(condition, tokens)
-        rgb = self.backend.pixels(self.backend.decode(latent))
+        rgb = self.backend.frame(self.backend.condition(raster), tokens)
         if alpha:
             a = (raster.mask > 0.5).to(torch.uint8) * 255
             rgb = torch.cat([rgb, a.to(rgb.device)], dim=-1)

@@ -3,10 +3,13 @@
 Numerics follow diffusers' `DDPMScheduler` / `DDIMScheduler` (float32 tables, same order of operations),
 so a loop here reproduces diffusers' to float32 rounding. Every per-step constant is computed once at
 construction as a python float: a step does no host sync and no table lookup on the device.
+
+`denoise` is THE denoising loop: every backend runs it, supplying only its per-step prediction.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -293,3 +296,30 @@ class FixedNoise:
         if not isinstance(batch, int) or batch < 1:
             raise InputError(f"batch must be a positive int, got {batch!r}")
         return self._copy(self.latent[:1].repeat(batch, 1, 1, 1), self.step_noise[:, :1].repeat(1, batch, 1, 1, 1))
+
+
+Predict = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def denoise(predict: Predict, sampler: Sampler, noise: FixedNoise, batch: int = 1,
+            on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+    """The denoising loop of every backend: from the fixed noise's initial latent, N sampler steps.
+
+    predict(i, sample) -> the model output (v) of step i for `sample` `[B, c, h, w]` float32 (any float dtype back;
+        the step runs in float32). Given the step index, so a backend's tables indexed by step keep working.
+    noise: `FixedNoise` on the sampler's device; its draws are shared by the `batch` frames.
+    on_step(i): called after step i (timing, progress). The loop does no host synchronisation, so a CUDA graph
+        can capture it; a hook given while capturing is captured with it (`CompiledBackend` records its timing
+        events that way and calls the caller's hook after each replay instead).
+    Returns the final latent `[B, c, h, w]` float32.
+    """
+    if noise.num_steps != sampler.num_steps:
+        raise ConfigError(f"the sampler has {sampler.num_steps} steps but the fixed noise {noise.num_steps}")
+    sample = noise.latent[:1].expand(batch, -1, -1, -1)
+    for i in range(sampler.num_steps):
+        model_output = predict(i, sample)
+        step_noise = noise.step_noise[i, :1].expand(batch, -1, -1, -1) if sampler.needs_noise else None
+        sample = sampler.step(i, model_output.float(), sample, step_noise).prev_sample
+        if on_step is not None:
+            on_step(i)
+    return sample

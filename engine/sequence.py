@@ -29,7 +29,7 @@ from .config import AvatarConfig
 from .errors import FormatError
 from .files import write_atomic
 from .geometry import Camera, Mesh
-from .renderer import Frame
+from .frame import Frame
 
 FORMAT = "diffusion-avatars-sequence"
 VERSION = 1

@@ -15,6 +15,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from engine.backends.compiled import CompiledBackend
 from engine.conditioning import build_condition
 from engine.errors import BackendError, ConfigError
+from engine.frame import to_pixels
 from engine.geometry import Mesh
 from engine.pipeline import MeshBuffers, RenderPipeline
 from engine.raster import rasterize
@@ -104,13 +105,15 @@ def test_decode_and_pixels_of_the_frame(tiny_avatar, frames):
     cond, tokens = _inputs(tiny_avatar, frames[1])
     latent = backend.denoise(cond, tokens)
     image = backend.decode(latent)
-    pixels = backend.pixels(image)
+    pixels = to_pixels(image)
     assert latent.dtype == torch.float32 and image.shape == (1, 3, 128, 128)
     assert pixels.shape == (1, 128, 128, 3) and pixels.dtype == torch.uint8 and pixels.is_contiguous()
-    torch.testing.assert_close(backend.decode(latent.clone()), image)  # not the cached one: recomputed
-    assert torch.equal(backend.frame(cond, tokens), pixels)
-    assert backend.stats()["captures"] == 0 and backend.stage_times() is None
     steps = []
+    frame = backend.frame(cond, tokens, on_step=steps.append)
+    assert torch.equal(frame, pixels) and frame.is_contiguous()
+    assert steps == [0, 1]  # the per-step hook of the shared loop
+    assert backend.stats()["captures"] == 0 and backend.stage_times() is None
+    steps.clear()
     backend.denoise(cond, tokens, on_step=steps.append)
     assert steps == [0, 1]
 
@@ -136,8 +139,6 @@ def test_fused_condition_path_takes_rasteriser_views(tiny_avatar, frames):
 class _FakeBackend:
     """Records the order of calls; frame k returns pixels of value k."""
 
-    supports_condition_out = True
-
     def __init__(self, log):
         self.log, self.calls, self.outs = log, 0, []
 
@@ -145,6 +146,9 @@ class _FakeBackend:
         self.outs.append(out is not None)
         cond = torch.zeros(1, 2, raster.height, raster.width)
         return out.copy_(cond) if out is not None else cond
+
+    def stage_times(self):
+        return None
 
     def frame(self, condition, tokens):
         self.log.append(("frame", self.calls))

@@ -1,32 +1,94 @@
-"""Backends: interchangeable implementations of a frame's condition -> denoise -> decode stages.
+"""Backends: interchangeable implementations of a frame's per-step prediction and decoder, around one shared loop.
 
-A backend is chosen by name. The `reference` backend (in `engine.renderer`) is the specification; fast paths live
-in their own modules and are imported only when chosen, so the reference path never imports them.
+A backend is chosen by name (`register_backend`, `backend_class`). Every backend derives from `Backend` and
+supplies only
+    prepare(condition [B, C, H, W], tokens [B, T, D]) -> per-frame state    work constant over a frame's steps
+    predict(i, sample [B, c, h, w], state) -> v [B, c, h, w]               step i's ControlNet + UNet
+    decode(latent [B, c, h, w]) -> image [B, 3, H, W] in [-1, 1]           the decoder
+The loop itself (fixed noise, sampler step, per-step hook) is `engine.sampling.denoise`, run by `Backend.denoise`
+for every backend; `Backend.frame` is denoise -> decode -> `engine.frame.to_pixels`. A backend may replace
+`frame` only by something built from that same loop (the compiled backend captures it in a CUDA graph).
 
-Every backend has the reference's interface (see `engine.renderer.ReferenceBackend`):
-    condition(raster: RasterBuffers) -> [B, C, H, W]       the ControlNet input
-    denoise(condition, tokens [B, T, D]) -> [B, c, h, w]  the final latent, from the renderer's fixed noise
-    decode(latent) -> [B, 3, H, W] float in [-1, 1]
-    pixels(image) -> [B, H, W, 3] uint8
+The `reference` backend (`engine.backends.reference`) is the specification; the fast paths live in their own
+modules and are imported only when chosen, so the reference path never imports them.
 """
 
 from __future__ import annotations
 
 import importlib
+from functools import partial
 
 import torch
 
+from ..conditioning import build_condition
 from ..errors import ConfigError
+from ..frame import to_pixels
+from ..sampling import FixedNoise, Sampler, denoise
 
 # name -> "module:Class"; imported lazily.
 _BACKENDS: dict[str, str] = {
-    "reference": "engine.renderer:ReferenceBackend",
+    "reference": "engine.backends.reference:ReferenceBackend",
     "compiled": "engine.backends.compiled:CompiledBackend",
 }
 
 
+class Backend:
+    """What every backend shares. Args (the registry's; `Renderer` passes them): avatar (`engine.model.Avatar`,
+    in eval mode on `device`), sampler, noise (`FixedNoise` on `device`, batch 1: its draws serve every frame
+    of a batch), device, dtype (None: the backend's default)."""
+
+    name = ""
+
+    def __init__(self, avatar, sampler: Sampler, noise: FixedNoise, device: torch.device,
+                 dtype: torch.dtype | None = None):
+        self.avatar, self.sampler, self.noise = avatar, sampler, noise
+        self.device = torch.device(device)
+        self.config = avatar.config
+        self.dtype = torch.float32 if dtype is None else dtype
+
+    # -- what a backend supplies -------------------------------------------------------------------
+    def prepare(self, condition: torch.Tensor, tokens: torch.Tensor):
+        """Per-frame state for `predict` (default: the inputs themselves)."""
+        return condition, tokens
+
+    def predict(self, i: int, sample: torch.Tensor, state) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------------------------
+    def condition(self, raster, out: torch.Tensor | None = None) -> torch.Tensor:
+        """RasterBuffers -> the ControlNet input `[B, C, H, W]` (`build_condition`); `out`: written in place."""
+        cond = build_condition(raster, self.avatar.textures, self.config.conditioning)
+        return out.copy_(cond) if out is not None else cond
+
+    def denoise(self, condition: torch.Tensor, tokens: torch.Tensor, on_step=None, state=None) -> torch.Tensor:
+        """condition `[B, C, H, W]`, tokens `[B, T, D]` -> the final latent `[B, c, h, w]` float32: the shared loop
+        with this backend's prediction. `on_step(i)` runs after each step; `state`: a `prepare` result to reuse."""
+        state = self.prepare(condition, tokens) if state is None else state
+        return denoise(partial(self.predict, state=state), self.sampler, self.noise, condition.shape[0], on_step)
+
+    def frame(self, condition: torch.Tensor, tokens: torch.Tensor, on_step=None) -> torch.Tensor:
+        """The whole frame: denoise -> decode -> pixels uint8 `[B, H, W, 3]` on the device."""
+        return to_pixels(self.decode(self.denoise(condition, tokens, on_step)))
+
+    @torch.no_grad()
+    def first_step(self, condition: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Step 0's prediction (v) `[B, c, h, w]` float32 from the fixed noise (fidelity checks)."""
+        sample = self.noise.latent[:1].expand(condition.shape[0], -1, -1, -1)
+        return self.predict(0, sample, self.prepare(condition, tokens)).float()
+
+    def stage_times(self) -> dict | None:
+        """The last frame's stage times where the backend measures them itself (`compiled` with `timing`)."""
+        return None
+
+    def close(self) -> None:
+        """Free what the backend holds (graphs, buffers, private weights); the default holds nothing."""
+
+
 def register_backend(name: str, target: str) -> None:
-    """Make `Renderer(backend=name)` build `target` ("package.module:Class")."""
+    """Make `Renderer(backend=name)` build `target` ("package.module:Class", a `Backend` subclass)."""
     _BACKENDS[name] = target
 
 

@@ -18,7 +18,7 @@ import threading
 
 import torch
 
-from ..renderer import Frame
+from ..frame import Frame
 from .protocol import ProtocolError, StreamSpec, error_message, parse_message
 
 _END = object()
