@@ -55,7 +55,7 @@ def median_p90(values: list[float]) -> dict:
     """Times (ms) -> {"median_ms", "p90_ms"}."""
     ordered = sorted(values)
     return {"median_ms": statistics.median(ordered),
-            "p90_ms": ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]}
+            "p90_ms": ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]}
 
 
 def time_frame(renderer, frame, timer: StageTimer) -> None:

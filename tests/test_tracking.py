@@ -17,8 +17,17 @@ from engine.data.synthetic import SyntheticHead, default_camera
 from engine.errors import BackendError, ConfigError, FormatError, InputError
 from engine.geometry import Camera
 from engine.live.expression_map import ExpressionMap, camera_from_pose, ridge_fit
-from engine.live.face_math import (COEFFICIENTS, FaceMeasure, HeadPose, OneEuroFilter, euler_from_rotation,
-                                   RIGID, rotation_from_euler, similarity_fit, viewer_frame)
+from engine.live.face_math import (
+    COEFFICIENTS,
+    RIGID,
+    FaceMeasure,
+    HeadPose,
+    OneEuroFilter,
+    euler_from_rotation,
+    rotation_from_euler,
+    similarity_fit,
+    viewer_frame,
+)
 from engine.live.tracking import Tracker
 
 
@@ -205,7 +214,7 @@ def test_ridge_map_fits_saves_and_loads(tmp_path: Path):
     assert np.allclose(back.map_features(X[:3]), m.map_features(X[:3]))
     # the dual form (more features than rows) gives the same answer as the primal one
     Xw, Yw = rng.normal(size=(10, 40)), rng.normal(size=(10, 2))
-    Wd, bd = ridge_fit(Xw, Yw, 0.5)
+    Wd, _ = ridge_fit(Xw, Yw, 0.5)
     Xc = Xw - Xw.mean(0)
     Wp = np.linalg.solve(Xc.T @ Xc + 0.5 * np.eye(40), Xc.T @ (Yw - Yw.mean(0)))
     assert np.allclose(Wd, Wp, atol=1e-4)
