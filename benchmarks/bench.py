@@ -86,7 +86,7 @@ def run(args) -> dict:
     """Run every case, print a line for each and rewrite the report files after each -> the report."""
     from engine.avatars import load_avatar
     from engine.errors import ConfigError
-    from engine.renderer import Frame
+    from engine.frame import Frame
     from engine.sequence import orbit
 
     if args.threads:

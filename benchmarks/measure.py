@@ -46,7 +46,7 @@ class StageTimer:
 
 def frame_mesh(avatar, frame):
     """The frame's mesh, or the avatar's head model posed by the frame's code (CPU)."""
-    from engine.renderer import as_codes
+    from engine.frame import as_codes
 
     return frame.mesh if frame.mesh is not None else avatar.head_model.posed_mesh(as_codes(frame.expression)[0])
 
@@ -60,8 +60,8 @@ def median_p90(values: list[float]) -> dict:
 
 def time_frame(renderer, frame, timer: StageTimer) -> None:
     """One frame through the renderer's stages, marking each (the same calls as Renderer.render_batch)."""
+    from engine.frame import as_codes, to_pixels
     from engine.raster import rasterize
-    from engine.renderer import as_codes
 
     cfg = renderer.config
     timer.start()
@@ -77,7 +77,7 @@ def time_frame(renderer, frame, timer: StageTimer) -> None:
     latent = renderer.backend.denoise(condition, tokens, on_step=lambda i: timer.mark("step"))
     image = renderer.backend.decode(latent)
     timer.mark("decode")
-    renderer.backend.pixels(image).cpu()
+    to_pixels(image).cpu()
     timer.mark("copy back")
 
 
@@ -176,8 +176,9 @@ def fidelity(avatar, renderer, frame, args) -> dict:
     """The backend against the float32 reference fed the same inputs: first step's v (relative L2 error) and,
     with the VAE decoder, the frame's PSNR. TF32 is off for the reference."""
     from engine.conditioning import build_condition
+    from engine.frame import as_codes
     from engine.raster import rasterize
-    from engine.renderer import Renderer, as_codes
+    from engine.renderer import Renderer
 
     device, cfg = renderer.device, renderer.config
     code, mesh = as_codes(frame.expression), frame_mesh(avatar, frame).to(device)

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
+from .frame import Frame, as_codes
 from .geometry import Mesh
 from .raster import rasterize
-from .frame import Frame, as_codes
 
 STAGES = ("upload", "raster", "compute", "copy")
 

@@ -28,8 +28,8 @@ import torch
 from .config import AvatarConfig
 from .errors import FormatError
 from .files import write_atomic
-from .geometry import Camera, Mesh
 from .frame import Frame
+from .geometry import Camera, Mesh
 
 FORMAT = "diffusion-avatars-sequence"
 VERSION = 1

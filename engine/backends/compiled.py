@@ -164,7 +164,7 @@ class CompiledBackend(Backend):
             if not events:
                 raise
             # Event nodes are the only optional part of the capture: capture again without them.
-            warnings.warn(f"capturing timing events in the CUDA graph failed ({e}); capturing without them")
+            warnings.warn(f"capturing timing events in the CUDA graph failed ({e}); capturing without them", stacklevel=2)
             torch.cuda.synchronize(self.device)
             self.timing, events, graph = False, None, torch.cuda.CUDAGraph()
             with self._settings(benchmark=False), torch.cuda.graph(graph):
@@ -268,7 +268,7 @@ class CompiledBackend(Backend):
         try:
             preload(self.device)
         except BackendError as e:
-            warnings.warn(f"fused conditioning kernel unavailable ({e}); using the torch reference")
+            warnings.warn(f"fused conditioning kernel unavailable ({e}); using the torch reference", stacklevel=2)
             return None
         return pack_textures(self.avatar.textures, torch.float16)
 
