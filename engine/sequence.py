@@ -41,7 +41,7 @@ def write_sequence(path: str | Path, frames: list[Frame], expression_names=None)
     path.parent.mkdir(parents=True, exist_ok=True)
     mesh_files: dict[int, str] = {}
     records = []
-    for i, frame in enumerate(frames):
+    for frame in frames:
         record = {
             "camera": frame.camera.to_dict(),
             "expression": [float(x) for x in torch.as_tensor(frame.expression).reshape(-1).tolist()],
