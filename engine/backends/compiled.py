@@ -25,8 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..conditioning import build_condition
+from kernels import available, preload
+
+from ..conditioning import build_condition, pack_textures
 from ..errors import BackendError, ConfigError, InputError
+from ..fused import build_condition_fused
 from .hoisted import HoistedNetworks
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -198,8 +201,6 @@ class CompiledBackend:
         """RasterBuffers -> conditioning image `[B, C, H, W]`: float16 channels-last from the fused kernel on
         CUDA, else the float32 reference. `out` (optional): written in place and returned."""
         if self._packed is not None:
-            from kernels import build_condition_fused
-
             from ..raster import RasterBuffers
 
             # The rasterisers return depth and canonical as views of one buffer; the kernel wants each contiguous.
@@ -282,13 +283,7 @@ class CompiledBackend:
 
     def _fused_textures(self):
         """Neural textures packed for the fused conditioning kernel, or None where it cannot run."""
-        if self.device.type != "cuda":
-            return None
-        try:
-            from kernels import available, pack_textures, preload
-        except ImportError:
-            return None
-        if not available():
+        if self.device.type != "cuda" or not available():
             return None
         try:
             preload(self.device)
