@@ -111,8 +111,9 @@ def cmd_info(args) -> None:
     print(f"avatar {c['name']}: {c['image_size']}x{c['image_size']} pixels, latent {info['latent_shape']}")
     print(f"conditioning: {info['condition_channels']} channels = "
           + " + ".join(f"{name} {n}" for name, n in info["channel_layout"]))
+    names = f" ({', '.join(c['expression_names'])})" if c["expression_names"] else ""
     print(f"expression: {c['expression_dim']} values -> {info['expression_tokens'][0]} tokens x "
-          f"{info['expression_tokens'][1]}" + (f" ({', '.join(c['expression_names'])})" if c["expression_names"] else ""))
+          f"{info['expression_tokens'][1]}{names}")
     print("parameters:")
     for name, n in info["parameters"].items():
         print(f"  {name:<24} {n / 1e6:10.3f} M")

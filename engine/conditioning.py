@@ -10,6 +10,8 @@ row"). Texel `i` has its centre at `(i + 0.5) / R`; addressing wraps, so 0 and 1
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,29 +51,69 @@ class NeuralTextures(nn.Module):
         return self.planes.shape[1] * (4 if self.ambient is not None else 3)
 
     def lookup(self, coords01: torch.Tensor) -> torch.Tensor:
-        """Bilinear, wrapping texture lookup.
+        """`texture_lookup` on these textures."""
+        return texture_lookup(self.planes, self.ambient, coords01)
 
-        coords01: `[B, H, W, D]` float, canonical xyz (+ 2 ambient when D = 5) normalised so that [0, 1]
-        spans the texture once; values outside wrap around (only the fractional part matters).
-        Returns `[B, H, W, 3C]` (or `[B, H, W, 4C]` with the ambient map) in the textures' dtype and device:
-        the (x,y), (x,z), (y,z) plane features concatenated, then the ambient-map features.
-        """
-        want = 5 if self.ambient is not None else 3
-        if coords01.dim() != 4 or coords01.shape[-1] != want:
-            raise InputError(
-                f"texture lookup needs coordinates [B, H, W, {want}], got {tuple(coords01.shape)}; pass "
-                f"{'canonical xyz + 2 ambient' if want == 5 else 'canonical xyz'} normalised to [0, 1]"
-            )
-        b, h, w, _ = coords01.shape
-        coords01 = coords01.to(self.planes.dtype)
-        pairs = torch.stack([coords01[..., [i, j]] for i, j in _PLANE_PAIRS])  # [3, B, H, W, 2]
-        feats = _sample_wrap(self.planes, pairs.reshape(3, b * h, w, 2))  # [3, C, B*H, W]
-        feats = feats.reshape(3, -1, b, h, w).permute(2, 3, 4, 0, 1).reshape(b, h, w, -1)
-        if self.ambient is None:
-            return feats
-        amb = _sample_wrap(self.ambient[None], coords01[..., 3:5].reshape(1, b * h, w, 2))  # [1, C, B*H, W]
-        amb = amb.reshape(-1, b, h, w).permute(1, 2, 3, 0)
-        return torch.cat([feats, amb], dim=-1)
+
+class PackedTextures(NamedTuple):
+    """Neural-texture tensors without the module: `planes` `[3, C, R, R]` and `ambient` `[C, R, R]` or None, one
+    dtype and device, any strides. `build_condition` reads them like `NeuralTextures`. From `pack_textures`
+    they are in the fused conditioning kernel's fastest storage: channels-last strides, a texel's C features
+    adjacent in memory (`ambient` is `[R, R, C]` in memory).
+    """
+
+    planes: torch.Tensor
+    ambient: torch.Tensor | None
+
+    def lookup(self, coords01: torch.Tensor) -> torch.Tensor:
+        """`texture_lookup` on these textures."""
+        return texture_lookup(self.planes, self.ambient, coords01)
+
+
+# The texel dtypes the fused conditioning kernel reads (kernels/condition.cu's DTYPE_* values).
+PACKED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def pack_textures(textures: NeuralTextures | PackedTextures, dtype: torch.dtype = torch.float16) -> PackedTextures:
+    """A copy of `textures` (`planes` `[3, C, R, R]`, `ambient` `[C, R, R]` or None) in `dtype` (one of
+    `PACKED_DTYPES`) with each texel's features adjacent in memory: a bilinear tap of the fused kernel then reads
+    one 32-byte sector (C = 16, half) instead of C scattered values. Build once per avatar, not per frame.
+    Detached, on the input's device."""
+    if dtype not in PACKED_DTYPES:
+        raise InputError(f"textures can be packed as {', '.join(map(str, PACKED_DTYPES))}, not {dtype}")
+    planes = textures.planes.detach().to(dtype).contiguous(memory_format=torch.channels_last)
+    ambient = textures.ambient
+    if ambient is not None:
+        ambient = ambient.detach().to(dtype).permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    return PackedTextures(planes, ambient)
+
+
+def texture_lookup(planes: torch.Tensor, ambient: torch.Tensor | None, coords01: torch.Tensor) -> torch.Tensor:
+    """Bilinear, wrapping texture lookup.
+
+    planes: `[3, C, R, R]` for the canonical pairs (x,y), (x,z), (y,z); ambient: `[C, R, R]` or None; same
+    dtype and device, any strides.
+    coords01: `[B, H, W, D]` float, canonical xyz (+ 2 ambient when D = 5, which needs `ambient`) normalised so
+    that [0, 1] spans the texture once; values outside wrap around (only the fractional part matters).
+    Returns `[B, H, W, 3C]` (or `[B, H, W, 4C]` with the ambient map) in the textures' dtype and device:
+    the (x,y), (x,z), (y,z) plane features concatenated, then the ambient-map features.
+    """
+    want = 5 if ambient is not None else 3
+    if coords01.dim() != 4 or coords01.shape[-1] != want:
+        raise InputError(
+            f"texture lookup needs coordinates [B, H, W, {want}], got {tuple(coords01.shape)}; pass "
+            f"{'canonical xyz + 2 ambient' if want == 5 else 'canonical xyz'} normalised to [0, 1]"
+        )
+    b, h, w, _ = coords01.shape
+    coords01 = coords01.to(planes.dtype)
+    pairs = torch.stack([coords01[..., [i, j]] for i, j in _PLANE_PAIRS])  # [3, B, H, W, 2]
+    feats = _sample_wrap(planes, pairs.reshape(3, b * h, w, 2))  # [3, C, B*H, W]
+    feats = feats.reshape(3, -1, b, h, w).permute(2, 3, 4, 0, 1).reshape(b, h, w, -1)
+    if ambient is None:
+        return feats
+    amb = _sample_wrap(ambient[None], coords01[..., 3:5].reshape(1, b * h, w, 2))  # [1, C, B*H, W]
+    amb = amb.reshape(-1, b, h, w).permute(1, 2, 3, 0)
+    return torch.cat([feats, amb], dim=-1)
 
 
 def _sample_wrap(textures: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
@@ -111,22 +153,31 @@ def texture_to_release_row(texture: torch.Tensor) -> torch.Tensor:
     return texture.permute(1, 2, 0).reshape(-1).contiguous()
 
 
+def coordinate_range(config: ConditioningConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation box of the D = config.canonical_dims raster coordinates as (min, max), D floats each:
+    canonical_min/max for xyz, then ambient_min/max for the 2 ambient values (D = 5)."""
+    if not config.has_ambient:
+        return tuple(config.canonical_min), tuple(config.canonical_max)
+    return (*config.canonical_min, *config.ambient_min), (*config.canonical_max, *config.ambient_max)
+
+
 def normalized_coordinates(canonical: torch.Tensor, config: ConditioningConfig) -> torch.Tensor:
-    """Min-max normalise raster coordinates `[B, H, W, D]` to [0, 1] (not clamped): xyz with
-    canonical_min/max, the 2 ambient values (D = 5) with ambient_min/max. Same shape, dtype, device."""
-    lo = tuple(config.canonical_min) + (tuple(config.ambient_min) if config.has_ambient else ())
-    hi = tuple(config.canonical_max) + (tuple(config.ambient_max) if config.has_ambient else ())
+    """Min-max normalise raster coordinates `[B, H, W, D]` to [0, 1] (not clamped) over `coordinate_range`.
+    Same shape, dtype, device."""
+    lo, hi = coordinate_range(config)
     lo_t = torch.tensor(lo, dtype=canonical.dtype, device=canonical.device)
     hi_t = torch.tensor(hi, dtype=canonical.dtype, device=canonical.device)
     return (canonical - lo_t) / (hi_t - lo_t)
 
 
-def build_condition(raster, textures: NeuralTextures, config: ConditioningConfig) -> torch.Tensor:
+def build_condition(raster, textures: NeuralTextures | PackedTextures, config: ConditioningConfig) -> torch.Tensor:
     """The ControlNet's conditioning image, exactly model.md's channel table.
 
     raster: any object with NHWC float32 tensors `mask` `[B, H, W, 1]` (1 covered, 0 not), `depth`
     `[B, H, W, 1]` (clip-space z), `canonical` `[B, H, W, D]` (D = config.canonical_dims) and `normals`
     `[B, H, W, 3]` (e.g. `engine.raster.RasterBuffers`).
+    textures: `NeuralTextures` or `PackedTextures` from the same config, on the raster's device; the lookup runs
+    in their dtype.
     Returns `[B, config.channels, H, W]` float32 NCHW on the raster's device, channels in
     `config.channel_layout()` order: depth, canonical xyz, normals, [ambient 2], plane features (x,y),
     (x,z), (y,z), [ambient-map features]. Off the head: -1 for depth, canonical and ambient, 0 otherwise.
@@ -182,7 +233,9 @@ def _check_raster(raster, config: ConditioningConfig) -> tuple[torch.Tensor, ...
     return mask, depth, canonical, normals
 
 
-def _check_textures(textures: NeuralTextures, config: ConditioningConfig, device: torch.device) -> None:
+def _check_textures(
+    textures: NeuralTextures | PackedTextures, config: ConditioningConfig, device: torch.device
+) -> None:
     if textures.planes.device != device:
         raise InputError(
             f"neural textures are on {textures.planes.device}, the raster on {device}; move them with .to(device)"

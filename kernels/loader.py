@@ -112,7 +112,8 @@ def compile_cubin(name: str, arch: str) -> bytes:
             f"NVRTC cannot build for {arch} (it supports sm_{', sm_'.join(map(str, supported))}); install the "
             f"cuda-python and NVRTC of the CUDA version that matches this GPU: {INSTALL_HINT}"
         )
-    prog = _check(nvrtc.nvrtcCreateProgram(source(name).encode(), f"{name}.cu".encode(), 0, [], []), "nvrtcCreateProgram")
+    prog = _check(nvrtc.nvrtcCreateProgram(source(name).encode(), f"{name}.cu".encode(), 0, [], []),
+                  "nvrtcCreateProgram")
     try:
         options = [f"--gpu-architecture={arch}".encode(), *(o.encode() for o in NVRTC_OPTIONS)]
         status = nvrtc.nvrtcCompileProgram(prog, len(options), options)[0]

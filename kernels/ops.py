@@ -1,47 +1,30 @@
-"""The fused CUDA ops, with their torch twins as fallbacks.
+"""The fused CUDA ops' entry points: plain tensors and layout numbers in, one kernel launch out.
 
-- `build_condition_fused`: raster buffers + neural textures -> the half-precision conditioning image in one
-  kernel (`condition.cu`); twin: `engine.conditioning.build_condition`.
-- `to_pixels_fused`: decoder output -> uint8 RGB in one kernel (`pixels.cu`); twin: `engine.renderer.to_pixels`.
+- `fused_condition`: raster buffers + neural-texture planes -> the half-precision conditioning image in one
+  kernel (`condition.cu`).
+- `fused_pixels`: decoder output -> uint8 RGB in one kernel (`pixels.cu`).
 
-On CUDA tensors with cuda-python installed the kernels run; on CPU tensors, or without cuda-python, the twins
-run and the result is converted to the same dtype and layout. Both ops are inference-only (no autograd). With
-a preallocated `out` and after `preload()`, the CUDA path allocates nothing and never synchronises, so it can
-be captured in a CUDA graph.
+They run on CUDA tensors only and know no models. The engine-facing wrappers, which take the engine's types
+and run the ops' torch twins where the kernels cannot run, are `engine.fused.build_condition_fused` and
+`engine.fused.to_pixels_fused`. `check_condition_args` / `check_pixels_args` are each op's contract, on any
+device. Both ops are inference-only (no autograd). With a preallocated `out` and after `preload()`, they
+allocate nothing and never synchronise, so they can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
-from typing import Any, NamedTuple
+import math
+from collections.abc import Sequence
 
 import torch
 
-from engine.config import ConditioningConfig
 from engine.errors import InputError
 
 from . import loader
 
 _BLOCK = 256
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the .cu files' DTYPE_* values
-
-
-class PackedTextures(NamedTuple):
-    """Neural textures in the fused kernel's fastest storage (see `pack_textures`); usable by the reference too.
-
-    `planes`: `[3, C, R, R]` with channels-last strides (a texel's C features adjacent in memory);
-    `ambient`: `[C, R, R]` likewise (`[R, R, C]` in memory), or None. Same dtype and device for both.
-    """
-
-    planes: torch.Tensor
-    ambient: torch.Tensor | None
-
-    def lookup(self, coords01: torch.Tensor) -> torch.Tensor:
-        """The reference's bilinear wrapping lookup (`NeuralTextures.lookup`) on these tensors."""
-        from engine.conditioning import NeuralTextures
-
-        return NeuralTextures.lookup(self, coords01)
 
 
 @functools.cache
@@ -67,42 +50,7 @@ def preload(device: torch.device | str | int | None = None) -> None:
     loader.get_function("pixels", "to_pixels", device)
 
 
-def _use_kernel(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    if available():
-        return True
-    warnings.warn(
-        f"fused CUDA kernels unavailable (cuda-python or NVRTC missing), using the torch reference; to enable "
-        f"them: {loader.INSTALL_HINT}",
-        stacklevel=3,
-    )
-    return False
-
-
-def pack_textures(textures: Any, dtype: torch.dtype = torch.float16) -> PackedTextures:
-    """A copy of `textures` (`planes` `[3, C, R, R]`, `ambient` `[C, R, R]` or None) in `dtype` with each
-    texel's features adjacent in memory: a bilinear tap then reads one 32-byte sector (C = 16, half) instead
-    of C scattered values. Build once per avatar, not per frame. Same device as the input."""
-    if dtype not in _DTYPE_CODES:
-        raise InputError(f"textures can be packed as {sorted(map(str, _DTYPE_CODES))}, not {dtype}")
-    planes = textures.planes.detach().to(dtype).contiguous(memory_format=torch.channels_last)
-    ambient = textures.ambient
-    if ambient is not None:
-        ambient = ambient.detach().to(dtype).permute(1, 2, 0).contiguous().permute(2, 0, 1)
-    return PackedTextures(planes, ambient)
-
-
-def _as_float32(textures: Any) -> Any:
-    """The textures as the reference should see them for a fallback: the kernel reads texels of any dtype
-    and computes in float32, so the twin runs on float32 copies."""
-    if textures.planes.dtype == torch.float32:
-        return textures
-    ambient = None if textures.ambient is None else textures.ambient.float()
-    return PackedTextures(textures.planes.float(), ambient)
-
-
-def _check_tensor(t: Any, name: str, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...], device) -> None:
+def _check_tensor(t, name: str, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...], device) -> None:
     if not isinstance(t, torch.Tensor):
         raise InputError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
     if tuple(t.shape) != shape:
@@ -129,97 +77,152 @@ def _check_out(out: torch.Tensor, shape, dtype, device, channels_last: bool) -> 
         )
 
 
-def _texture_strides(t: torch.Tensor, name: str) -> tuple[int, ...]:
+def _check_strides(t: torch.Tensor, name: str) -> None:
     if any(s < 0 for s in t.stride()):
         raise InputError(f"`{name}` has negative strides; pass `{name}.contiguous()`")
-    return t.stride()
 
 
-def build_condition_fused(
-    raster: Any,
-    textures: Any,
-    config: ConditioningConfig,
+def _require_cuda(device: torch.device, op: str) -> None:
+    if device.type != "cuda":
+        raise InputError(
+            f"`{op}` launches a CUDA kernel but its inputs are on {device}; move them to a CUDA device, or call "
+            "the op's torch twin (engine.fused picks the kernel or the twin by device)"
+        )
+
+
+def check_condition_args(
+    mask: torch.Tensor,
+    depth: torch.Tensor,
+    canonical: torch.Tensor,
+    normals: torch.Tensor,
+    planes: torch.Tensor,
+    ambient: torch.Tensor | None,
+    *,
+    canonical_dims: int,
+    texture_channels: int,
+    texture_resolution: int,
+    depth_max: float,
+    coord_min: Sequence[float],
+    coord_max: Sequence[float],
+    out: torch.Tensor | None = None,
+    channels_last: bool = True,
+) -> tuple[int, int, int, int]:
+    """`fused_condition`'s contract (see there), checked on any device: `InputError` naming the argument and the
+    fix when it is broken. Returns the output shape `[B, Ctot, H, W]`."""
+    if canonical_dims not in (3, 5):
+        raise InputError(f"`canonical_dims` must be 3 (xyz) or 5 (xyz + 2 ambient), got {canonical_dims}")
+    if texture_channels < 1 or texture_resolution < 1:
+        raise InputError(
+            f"`texture_channels` and `texture_resolution` must be positive, got {texture_channels} and "
+            f"{texture_resolution}"
+        )
+    if not (math.isfinite(depth_max) and depth_max > 0):
+        raise InputError(f"`depth_max` must be a positive finite depth, got {depth_max}")
+    lo, hi = tuple(map(float, coord_min)), tuple(map(float, coord_max))
+    box_ok = len(lo) == len(hi) == canonical_dims and all(map(math.isfinite, lo + hi))
+    if not box_ok or not all(a < b for a, b in zip(lo, hi, strict=True)):
+        raise InputError(
+            f"`coord_min` and `coord_max` must hold canonical_dims = {canonical_dims} finite floats each, min < max "
+            f"(the normalisation box of the raster coordinates), got {lo} and {hi}"
+        )
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        got = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise InputError(f"`mask` must be a [B, H, W, 1] float32 tensor, got {got}")
+    b, h, w = mask.shape[:3]
+    device = mask.device
+    for name, t, n in (("mask", mask, 1), ("depth", depth, 1), ("canonical", canonical, canonical_dims),
+                       ("normals", normals, 3)):  # fmt: skip
+        _check_tensor(t, name, (b, h, w, n), (torch.float32,), device)
+        _check_contiguous(t, name)
+    c, r = texture_channels, texture_resolution
+    _check_tensor(planes, "planes", (3, c, r, r), tuple(_DTYPE_CODES), device)
+    _check_strides(planes, "planes")
+    if canonical_dims == 5:
+        if ambient is None:
+            raise InputError(
+                "`ambient` is None but canonical_dims is 5: pass the ambient map [C, R, R] (textures built for "
+                "xyz + 2 ambient coordinates have one)"
+            )
+        _check_tensor(ambient, "ambient", (c, r, r), (planes.dtype,), device)
+        _check_strides(ambient, "ambient")
+    elif ambient is not None:
+        raise InputError("`ambient` must be None when canonical_dims is 3: no ambient coordinates address it")
+    shape = (b, 7 + 3 * c + (2 + c if canonical_dims == 5 else 0), h, w)
+    if out is not None:
+        _check_out(out, shape, torch.float16, device, channels_last)
+    return shape
+
+
+def fused_condition(
+    mask: torch.Tensor,
+    depth: torch.Tensor,
+    canonical: torch.Tensor,
+    normals: torch.Tensor,
+    planes: torch.Tensor,
+    ambient: torch.Tensor | None,
+    *,
+    canonical_dims: int,
+    texture_channels: int,
+    texture_resolution: int,
+    depth_max: float,
+    coord_min: Sequence[float],
+    coord_max: Sequence[float],
     out: torch.Tensor | None = None,
     channels_last: bool = True,
 ) -> torch.Tensor:
-    """The conditioning image of `engine.conditioning.build_condition`, in half precision, in one kernel.
+    """The conditioning image in half precision, in one kernel (`condition.cu`).
 
-    raster: `mask`, `depth` `[B, H, W, 1]`, `canonical` `[B, H, W, D]` (D = config.canonical_dims), `normals`
-        `[B, H, W, 3]`: float32, contiguous, one device (e.g. `engine.raster.RasterBuffers`).
-    textures: `planes` `[3, C, R, R]` and `ambient` `[C, R, R]` (needed iff D = 5; ignored otherwise), float32,
-        float16 or bfloat16, any non-negative strides (`pack_textures` gives the fastest), on the raster's
-        device; C and R as in `config`. `engine.conditioning.NeuralTextures` or `PackedTextures`.
+    mask, depth: `[B, H, W, 1]`; canonical: `[B, H, W, D]`, D = `canonical_dims` (3: xyz, 5: xyz + 2 ambient);
+        normals: `[B, H, W, 3]`. float32, contiguous, on one CUDA device. A pixel is on the mesh where
+        mask > 0.5.
+    planes: `[3, C, R, R]` (C = `texture_channels`, R = `texture_resolution`), the planes for the coordinate
+        pairs (x,y), (x,z), (y,z), texel (row v, column u) = `planes[p, :, v, u]`; ambient: `[C, R, R]` when
+        D = 5, else None. float32, float16 or bfloat16 (the same for both), any non-negative strides (a
+        texel's C features adjacent in memory is fastest), on the raster's device.
+    depth_max: depth in [0, depth_max] maps to [-1, 1]. coord_min, coord_max: D floats each, the box that
+        maps the coordinates to [0, 1] (xyz, then the 2 ambient values).
     out: optional preallocated result (shape, dtype and layout as returned), written in place and returned.
-    Returns float16 `[B, config.channels, H, W]` on the raster's device, channels in
-    `config.channel_layout()` order; channels-last strides (memory `[B, H, W, Ctot]`) when `channels_last`,
-    else contiguous NCHW. Values equal the twin's float32 result rounded to half (up to float32 rounding).
+    Returns float16 `[B, Ctot, H, W]` on the raster's device, Ctot = 7 + 3C (+ 2 + C when D = 5), channels:
+    depth, xyz, normals, [ambient 2], plane features (x,y), (x,z), (y,z), [ambient-map features]; off the
+    mesh -1 for depth, xyz and ambient, 0 otherwise. Texture lookups are bilinear with wrap addressing, texel
+    centres at (i + 0.5) / R, computed in float32 and rounded to half once. Channels-last strides (memory
+    `[B, H, W, Ctot]`) when `channels_last`, else contiguous NCHW.
     """
-    mask = getattr(raster, "mask", None)
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
-        raise InputError("`raster.mask` must be a [B, H, W, 1] tensor; pass engine.raster.RasterBuffers")
-    b, h, w = mask.shape[:3]
+    shape = check_condition_args(
+        mask, depth, canonical, normals, planes, ambient, canonical_dims=canonical_dims,
+        texture_channels=texture_channels, texture_resolution=texture_resolution, depth_max=depth_max,
+        coord_min=coord_min, coord_max=coord_max, out=out, channels_last=channels_last,
+    )  # fmt: skip
     device = mask.device
-    for name, n in (("mask", 1), ("depth", 1), ("canonical", config.canonical_dims), ("normals", 3)):
-        t = getattr(raster, name, None)
-        _check_tensor(t, f"raster.{name}", (b, h, w, n), (torch.float32,), device)
-        _check_contiguous(t, f"raster.{name}")
-    c, r = config.texture_channels, config.texture_resolution
-    tex_dtypes = tuple(_DTYPE_CODES)
-    _check_tensor(getattr(textures, "planes", None), "textures.planes", (3, c, r, r), tex_dtypes, device)
-    plane_strides = _texture_strides(textures.planes, "textures.planes")
-    ambient = getattr(textures, "ambient", None) if config.has_ambient else None
-    if config.has_ambient:
-        if ambient is None:
-            raise InputError(
-                "config.canonical_dims is 5 but the textures have no ambient map; build the textures from the "
-                "same ConditioningConfig"
-            )
-        _check_tensor(ambient, "textures.ambient", (c, r, r), (textures.planes.dtype,), device)
-        ambient_strides = _texture_strides(ambient, "textures.ambient")
-    else:
-        ambient_strides = (0, 0, 0)
-    shape = (b, config.channels, h, w)
-    if out is not None:
-        _check_out(out, shape, torch.float16, device, channels_last)
-
-    if not _use_kernel(device):
-        from engine.conditioning import build_condition
-
-        with torch.no_grad():
-            ref = build_condition(raster, _as_float32(textures), config).to(torch.float16)
-        if out is not None:
-            return out.copy_(ref)
-        return ref.contiguous(memory_format=torch.channels_last) if channels_last else ref
-
+    _require_cuda(device, "fused_condition")
     if out is None:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         out = torch.empty(shape, dtype=torch.float16, device=device, memory_format=fmt)
+    b, _, h, w = shape
     npix = b * h * w
     if npix == 0:
         return out
-    lo, hi, alo, ahi = config.canonical_min, config.canonical_max, config.ambient_min, config.ambient_max
+    lo, hi = tuple(coord_min), tuple(coord_max)
+    # Without ambient coordinates the kernel reads neither the ambient map nor its range: placeholders.
+    amb_lo, amb_hi = (lo[3:5], hi[3:5]) if canonical_dims == 5 else ((0.0, 0.0), (1.0, 1.0))
+    ambient_strides = ambient.stride() if ambient is not None else (0, 0, 0)
     args = [
-        loader.ptr(raster.mask), loader.ptr(raster.depth), loader.ptr(raster.canonical),
-        loader.ptr(raster.normals), loader.ptr(textures.planes), loader.ptr(ambient), loader.ptr(out),
-        loader.i32(b), loader.i32(h * w), loader.i32(config.canonical_dims), loader.i32(c), loader.i32(r),
-        loader.i32(_DTYPE_CODES[textures.planes.dtype]),
-        *(loader.i64(s) for s in plane_strides), *(loader.i64(s) for s in ambient_strides),
-        loader.i32(1 if channels_last else 0), loader.f32(config.depth_max),
-        *(loader.f32(v) for v in (*lo, *hi, *alo, *ahi)),
+        loader.ptr(mask), loader.ptr(depth), loader.ptr(canonical), loader.ptr(normals), loader.ptr(planes),
+        loader.ptr(ambient), loader.ptr(out),
+        loader.i32(b), loader.i32(h * w), loader.i32(canonical_dims), loader.i32(texture_channels),
+        loader.i32(texture_resolution), loader.i32(_DTYPE_CODES[planes.dtype]),
+        *(loader.i64(s) for s in planes.stride()), *(loader.i64(s) for s in ambient_strides),
+        loader.i32(1 if channels_last else 0), loader.f32(depth_max),
+        *(loader.f32(v) for v in (*lo[:3], *hi[:3], *amb_lo, *amb_hi)),
     ]  # fmt: skip
     kernel = loader.get_function("condition", "build_condition", device)
     kernel.launch(grid=(npix + _BLOCK - 1) // _BLOCK, block=_BLOCK, args=args)
     return out
 
 
-def to_pixels_fused(image: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Decoder output to 8-bit RGB in one kernel: `engine.renderer.to_pixels`'s result, bit for bit.
-
-    image: `[B, 3, H, W]` float32, float16 or bfloat16, contiguous NCHW, values in [-1, 1] (others clamp).
-    out: optional preallocated uint8 `[B, H, W, 3]` contiguous tensor on the image's device.
-    Returns uint8 `[B, H, W, 3]` contiguous on the image's device: ((x / 2 + 0.5).clamp(0, 1) * 255).round()
-    computed in float32.
-    """
+def check_pixels_args(image: torch.Tensor, out: torch.Tensor | None = None) -> tuple[int, int, int]:
+    """`fused_pixels`' contract (see there), checked on any device: `InputError` naming the argument and the fix
+    when it is broken. Returns `(B, H, W)`."""
     if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[1] != 3:
         got = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise InputError(f"`image` must be a [B, 3, H, W] RGB tensor, got {got}")
@@ -229,14 +232,20 @@ def to_pixels_fused(image: torch.Tensor, out: torch.Tensor | None = None) -> tor
     if out is not None:
         _check_tensor(out, "out", (b, h, w, 3), (torch.uint8,), image.device)
         _check_contiguous(out, "out")
+    return b, h, w
 
-    if not _use_kernel(image.device):
-        from engine.renderer import to_pixels
 
-        with torch.no_grad():
-            ref = to_pixels(image)
-        return out.copy_(ref) if out is not None else ref.contiguous()
+def fused_pixels(image: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Decoder output to 8-bit RGB in one kernel (`pixels.cu`).
 
+    image: `[B, 3, H, W]` float32, float16 or bfloat16, contiguous NCHW, on a CUDA device, values in [-1, 1]
+        (others clamp).
+    out: optional preallocated uint8 `[B, H, W, 3]` contiguous tensor on the image's device.
+    Returns uint8 `[B, H, W, 3]` contiguous on the image's device: ((x / 2 + 0.5).clamp(0, 1) * 255).round()
+    computed in float32, rounding half to even.
+    """
+    b, h, w = check_pixels_args(image, out)
+    _require_cuda(image.device, "fused_pixels")
     if out is None:
         out = torch.empty((b, h, w, 3), dtype=torch.uint8, device=image.device)
     npix = b * h * w

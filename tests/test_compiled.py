@@ -120,7 +120,7 @@ def test_decode_and_pixels_of_the_frame(tiny_avatar, frames):
 
 def test_fused_condition_path_takes_rasteriser_views(tiny_avatar, frames):
     """The rasterisers return depth/canonical as views (not contiguous); the fused op needs contiguous inputs."""
-    from kernels import pack_textures
+    from engine.conditioning import pack_textures
 
     r = Renderer(tiny_avatar, steps=1)
     backend = CompiledBackend(tiny_avatar, r.sampler, r.noise, "cpu", torch.float32)

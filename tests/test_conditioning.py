@@ -5,7 +5,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.config import ConditioningConfig
 from engine.conditioning import (
     NeuralTextures,
     build_condition,
@@ -13,6 +12,7 @@ from engine.conditioning import (
     texture_from_release_row,
     texture_to_release_row,
 )
+from engine.config import ConditioningConfig
 from engine.errors import CheckpointError, InputError
 
 R = 4

@@ -74,7 +74,7 @@ def make_pipeline(unet, controlnet, vae, sampler, schedule):
 
 
 def pipeline_frame(pipe, avatar, condition, steps, seed=SEED, tokens=None):
-    """The pipeline's frame as uint8 [H, W, 3], converted like `engine.renderer.to_pixels`."""
+    """The pipeline's frame as uint8 [H, W, 3], converted like `engine.frame.to_pixels`."""
     size = avatar.config.image_size
     kwargs = None if tokens is None else {TOKENS_KWARG: tokens}
     image = pipe(

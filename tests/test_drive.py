@@ -67,9 +67,9 @@ def test_drive_writes_a_side_by_side_video_and_counts_tracked_frames(video, tmp_
 
 
 def test_frames_without_a_face_keep_the_last_code_and_are_counted():
+    from engine.config import ARKIT8
     from engine.live.drive import Driver, base_camera
     from engine.live.expression_map import ExpressionMap
-    from engine.config import ARKIT8
 
     driver = Driver(ExpressionMap.by_name(ARKIT8), base_camera(128))
     try:

@@ -10,8 +10,17 @@ import torch
 from engine.data.synthetic import SYNTHETIC_VERSION, SyntheticHead, default_rig_cameras
 from engine.data.write_synthetic import write_synthetic_dataset
 from engine.errors import BackendError, CheckpointError, ConfigError
-from engine.evaluation import (LPIPS, add_arguments, autoencoder_images, evaluate, format_table, frame_scores,
-                               held_out_cameras, run, turn_camera)
+from engine.evaluation import (
+    LPIPS,
+    add_arguments,
+    autoencoder_images,
+    evaluate,
+    format_table,
+    frame_scores,
+    held_out_cameras,
+    run,
+    turn_camera,
+)
 from engine.model import Avatar
 from test_training import tiny_config, write_dataset
 

@@ -4,8 +4,14 @@ import torch
 
 from engine.errors import ConfigError, FormatError, InputError
 from engine.geometry import Camera
-from engine.heads import (HeadModel, StaticHead, builtin_head_mesh, head_model_kinds, load_head_model,
-                          register_head_model)
+from engine.heads import (
+    HeadModel,
+    StaticHead,
+    builtin_head_mesh,
+    head_model_kinds,
+    load_head_model,
+    register_head_model,
+)
 
 
 @pytest.fixture(scope="module")

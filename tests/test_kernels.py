@@ -1,7 +1,8 @@
-"""Fused kernels on a CPU machine: the .cu files compile, the fallbacks equal the torch twins, inputs are
-validated, and the Python argument lists match the kernels' signatures. The GPU parity tests live in
-tests/gpu/test_kernels_gpu.py."""
+"""Fused kernels on a CPU machine: the .cu files compile, `kernels` imports nothing of the engine but its errors,
+the engine-side ops (`engine.fused`) equal the torch twins off the GPU, inputs are validated, and the Python
+argument lists match the kernels' signatures. The GPU parity tests live in tests/gpu/test_kernels_gpu.py."""
 
+import ast
 import ctypes
 import re
 import shutil
@@ -12,16 +13,22 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.conditioning import NeuralTextures, build_condition
+import kernels
+from engine import fused
+from engine.conditioning import NeuralTextures, PackedTextures, build_condition, pack_textures
 from engine.config import ConditioningConfig
 from engine.errors import BackendError, InputError
-from kernels import PackedTextures, build_condition_fused, loader, ops, pack_textures, to_pixels_fused
+from engine.frame import to_pixels
+from engine.fused import build_condition_fused, to_pixels_fused
+from kernels import loader, ops
 
 SOURCES = sorted(loader.SOURCE_DIR.glob("*.cu"))
+KERNELS_DIR = Path(kernels.__file__).resolve().parent
+ENGINE_DIR = Path(fused.__file__).resolve().parent
 
 
 def _to_pixels_formula(image: torch.Tensor) -> torch.Tensor:
-    """The twin's formula (engine.renderer.to_pixels), copied so these tests don't need the model stack."""
+    """The twin's formula (engine.frame.to_pixels), written out: the twin is checked against it too."""
     return ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
@@ -94,7 +101,52 @@ def test_missing_cuda_python_names_the_install(monkeypatch):
         loader.bindings()
 
 
-# -- the wrappers' argument lists against the kernels' signatures -----------------------------------------
+# -- import boundaries ------------------------------------------------------------------------------------
+def _imports(path: Path, package: str) -> list[str]:
+    """Every module a file of `package` imports, anywhere in it (inside functions too), relative ones resolved."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")[: len(package.split(".")) - max(node.level - 1, 0)] if node.level else []
+            base = ".".join([*parts, *([node.module] if node.module else [])])
+            # `from engine import fused` imports the module engine.fused; names that are not modules just
+            # lengthen the path (`engine.errors.InputError`), which a prefix check still places.
+            found += [f"{base}.{a.name}" for a in node.names]
+    return found
+
+
+def _is_within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_import_walker_sees_every_form(tmp_path):
+    path = tmp_path / "sample.py"
+    path.write_text(
+        "import engine.renderer\nfrom engine import fused\nfrom . import loader\n"
+        "def f():\n    from engine.errors import InputError\n"
+    )
+    want = ["engine.renderer", "engine.fused", "kernels.loader", "engine.errors.InputError"]
+    assert _imports(path, "kernels") == want
+
+
+def test_kernels_import_nothing_of_the_engine_but_its_errors():
+    files = sorted(KERNELS_DIR.glob("*.py"))
+    assert {p.name for p in files} >= {"__init__.py", "loader.py", "ops.py"}
+    engine_imports = {p.name: [m for m in _imports(p, "kernels") if _is_within(m, "engine")] for p in files}
+    assert any(engine_imports.values()), "the walker found no engine import at all (kernels raise engine.errors)"
+    offending = {name: [m for m in mods if not _is_within(m, "engine.errors")] for name, mods in engine_imports.items()}
+    assert not any(offending.values()), f"kernels/ may import only engine.errors from the engine, found {offending}"
+
+
+def test_reference_conditioning_imports_no_fast_path():
+    mods = _imports(ENGINE_DIR / "conditioning.py", "engine")
+    assert "engine.config.ConditioningConfig" in mods
+    assert not [m for m in mods if _is_within(m, "kernels") or _is_within(m, "engine.fused")]
+
+
+# -- the argument lists against the kernels' signatures ---------------------------------------------------
 def _param_sizes(path: Path, function: str) -> tuple[int, ...]:
     """Byte sizes of an `extern "C" __global__` function's parameters, read from the source."""
     match = re.search(rf'extern "C" __global__ void {function}\((.*?)\)\s*\{{', path.read_text(), re.S)
@@ -110,24 +162,39 @@ class _Recorder:
         self.calls = []
 
     def launch(self, grid, block, args, stream=None):
-        self.calls.append((grid, block, tuple(ctypes.sizeof(a) for a in args)))
+        self.calls.append((grid, block, tuple(ctypes.sizeof(a) for a in args), tuple(a.value for a in args)))
 
 
 @pytest.mark.parametrize("dims", [5, 3])
-def test_wrapper_arguments_match_kernel_signatures(monkeypatch, dims):
+def test_arguments_match_kernel_signatures(monkeypatch, dims):
+    """The engine-side ops as on CUDA: the config's layout numbers reach the kernels in the .cu order."""
     rec = _Recorder()
-    monkeypatch.setattr(ops, "_use_kernel", lambda device: True)
+    monkeypatch.setattr(fused, "_use_kernel", lambda device: True)
+    monkeypatch.setattr(ops, "_require_cuda", lambda device, op: None)
     monkeypatch.setattr(loader, "get_function", lambda name, function, device: rec)
     raster, tex, cfg = _case(dims=dims)
-    build_condition_fused(raster, tex, cfg)
-    to_pixels_fused(torch.zeros(2, 3, 4, 5))
-    (grid, block, cond), (_, _, pix) = rec.calls
+    out = build_condition_fused(raster, tex, cfg)
+    image = torch.zeros(2, 3, 4, 5)
+    pixels = to_pixels_fused(image)
+    assert out.shape == (2, cfg.channels, 5, 7) and out.is_contiguous(memory_format=torch.channels_last)
+    assert pixels.shape == (2, 4, 5, 3) and pixels.dtype == torch.uint8
+    (grid, block, cond, values), (_, _, pix, pix_values) = rec.calls
     assert grid * block >= 2 * 5 * 7
     assert cond == _param_sizes(loader.SOURCE_DIR / "condition.cu", "build_condition")
     assert pix == _param_sizes(loader.SOURCE_DIR / "pixels.cu", "to_pixels")
+    buffers = (raster.mask, raster.depth, raster.canonical, raster.normals, tex.planes)
+    assert values[:5] == tuple(t.data_ptr() for t in buffers)
+    assert values[5] == (tex.ambient.data_ptr() if dims == 5 else None) and values[6] == out.data_ptr()
+    assert values[7:13] == (2, 5 * 7, dims, 4, 6, 0)  # batch, H * W, dims, C, R, float32 texels
+    assert values[13:20] == tex.planes.stride() + (tex.ambient.stride() if dims == 5 else (0, 0, 0))
+    assert values[20] == 1  # channels_last
+    ambient_box = (*cfg.ambient_min, *cfg.ambient_max) if dims == 5 else (0.0, 0.0, 1.0, 1.0)  # unread placeholders
+    want = (cfg.depth_max, *cfg.canonical_min, *cfg.canonical_max, *ambient_box)
+    assert values[21:] == pytest.approx(want, rel=1e-7)
+    assert pix_values == (image.data_ptr(), pixels.data_ptr(), 0, 2, 4 * 5)
 
 
-# -- CPU fallbacks equal the twins ------------------------------------------------------------------------
+# -- CPU: the engine-side ops equal the twins -------------------------------------------------------------
 @pytest.mark.parametrize("dims", [5, 3])
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_condition_fallback_equals_reference(dims, channels_last):
@@ -152,15 +219,26 @@ def test_packed_textures_keep_values_and_feed_the_fallback():
     assert packed.planes.stride() == (6 * 6 * 4, 1, 6 * 4, 4)
     assert packed.ambient.stride() == (1, 6 * 4, 4)
     assert torch.equal(packed.planes.float(), tex.planes.detach().half().float())
+    assert torch.equal(packed.ambient.float(), tex.ambient.detach().half().float())
     upcast = PackedTextures(packed.planes.float(), packed.ambient.float())
     with torch.no_grad():
         ref = build_condition(raster, upcast, cfg).half()
     assert torch.equal(build_condition_fused(raster, packed, cfg), ref)
 
 
+def test_half_packed_twin_is_the_reference_within_half_rounding():
+    """The stated tolerance of packed float16 textures: each texel rounds to half (relative error <= 2^-11), so a
+    bilinear feature moves by at most 2^-11 max|texel|, and the result is rounded to half once more (2^-11 of
+    it; rtol 2^-10 leaves room for float32 rounding)."""
+    raster, tex, cfg = _case(dims=5, b=1, h=16, w=16, r=16, c=8, seed=2)
+    with torch.no_grad():
+        ref = build_condition(raster, tex, cfg)
+    got = build_condition_fused(raster, pack_textures(tex, torch.float16), cfg)
+    scale = max(tex.planes.abs().max().item(), tex.ambient.abs().max().item())
+    torch.testing.assert_close(got.float(), ref, atol=1.01 * 2**-11 * scale, rtol=2**-10)
+
+
 def test_pixels_fallback_equals_formula():
-    # The fallback's twin lives in engine.renderer, which imports the model stack (diffusers).
-    renderer = pytest.importorskip("engine.renderer", reason="engine.renderer needs diffusers")
     g = torch.Generator().manual_seed(1)
     image = torch.rand(2, 3, 4, 5, generator=g) * 2.4 - 1.2
     ref = _to_pixels_formula(image)
@@ -170,7 +248,7 @@ def test_pixels_fallback_equals_formula():
     out = torch.zeros(2, 4, 5, 3, dtype=torch.uint8)
     assert to_pixels_fused(image.half(), out=out) is out
     assert torch.equal(out, _to_pixels_formula(image.half()))
-    assert torch.equal(to_pixels_fused(image), renderer.to_pixels(image))
+    assert torch.equal(to_pixels_fused(image), to_pixels(image))
 
 
 # -- validation -------------------------------------------------------------------------------------------
@@ -180,12 +258,15 @@ def _with(raster, **changes):
 
 def test_condition_rejects_bad_inputs():
     raster, tex, cfg = _case(dims=5)
+    raster3, tex3, cfg3 = _case(dims=3)
     cases = [
         (_with(raster, depth=raster.depth.double()), tex, cfg, {}, "float32"),
         (_with(raster, canonical=raster.canonical[..., :3].contiguous()), tex, cfg, {}, "shape"),
-        (_with(raster, normals=raster.normals.transpose(1, 2).contiguous().transpose(1, 2)), tex, cfg, {}, "contiguous"),
+        (_with(raster, normals=raster.normals.transpose(1, 2).contiguous().transpose(1, 2)), tex, cfg, {},
+         "contiguous"),
         (_with(raster, mask=None), tex, cfg, {}, "RasterBuffers"),
         (raster, PackedTextures(tex.planes, None), cfg, {}, "ambient"),
+        (raster3, PackedTextures(tex3.planes, tex.ambient), cfg3, {}, "`ambient` must be None"),
         (raster, tex, ConditioningConfig(canonical_dims=5, texture_resolution=8, texture_channels=4), {}, "shape"),
         (raster, tex, cfg, {"out": torch.empty(2, cfg.channels, 5, 7, dtype=torch.float16)}, "channels_last"),
         (raster, tex, cfg, {"out": torch.empty(2, cfg.channels, 5, 7)}, "float16"),
@@ -201,9 +282,49 @@ def test_condition_rejects_bad_inputs():
         pack_textures(tex, torch.int8)
 
 
+def _layout(cfg: ConditioningConfig, **changes) -> dict:
+    lo = cfg.canonical_min + (cfg.ambient_min if cfg.has_ambient else ())
+    hi = cfg.canonical_max + (cfg.ambient_max if cfg.has_ambient else ())
+    layout = {
+        "canonical_dims": cfg.canonical_dims,
+        "texture_channels": cfg.texture_channels,
+        "texture_resolution": cfg.texture_resolution,
+        "depth_max": cfg.depth_max,
+        "coord_min": lo,
+        "coord_max": hi,
+    }
+    return {**layout, **changes}
+
+
+@pytest.mark.parametrize("dims", [5, 3])
+def test_kernel_entry_points_check_layout_numbers_and_want_cuda(dims):
+    raster, tex, cfg = _case(dims=dims)
+    args = (raster.mask, raster.depth, raster.canonical, raster.normals, tex.planes, tex.ambient)
+    assert kernels.check_condition_args(*args, **_layout(cfg)) == (2, cfg.channels, 5, 7)
+    lo = _layout(cfg)["coord_min"]
+    for changes, message in [
+        ({"canonical_dims": 4}, "`canonical_dims` must be 3"),
+        ({"texture_channels": 0}, "must be positive"),
+        ({"depth_max": 0.0}, "`depth_max`"),
+        ({"depth_max": float("nan")}, "`depth_max`"),
+        ({"coord_min": lo[:-1]}, "`coord_min` and `coord_max`"),
+        ({"coord_max": lo}, "`coord_min` and `coord_max`"),
+        ({"coord_max": (float("inf"),) * dims}, "`coord_min` and `coord_max`"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            kernels.check_condition_args(*args, **_layout(cfg, **changes))
+    with pytest.raises(InputError, match="CUDA"):
+        kernels.fused_condition(*args, **_layout(cfg))
+    with pytest.raises(InputError, match="CUDA"):
+        kernels.fused_pixels(torch.zeros(1, 3, 2, 2))
+    assert kernels.check_pixels_args(torch.zeros(1, 3, 2, 4)) == (1, 2, 4)
+
+
 def test_pixels_rejects_bad_inputs():
     with pytest.raises(InputError, match=r"\[B, 3, H, W\]"):
         to_pixels_fused(torch.zeros(1, 4, 2, 2))
+    with pytest.raises(InputError, match=r"\[B, 3, H, W\]"):
+        to_pixels_fused(None)
     with pytest.raises(InputError, match="float32"):
         to_pixels_fused(torch.zeros(1, 3, 2, 2, dtype=torch.float64))
     with pytest.raises(InputError, match="contiguous"):

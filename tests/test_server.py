@@ -25,8 +25,15 @@ pytest.importorskip("websockets", reason="the live extra is not installed (pip i
 from websockets.sync.client import connect  # noqa: E402
 
 from engine.geometry import Camera  # noqa: E402
-from engine.live.protocol import (ProtocolError, Request, StreamSpec, orbit_camera, pack_binary,  # noqa: E402
-                                  parse_message, unpack_binary)
+from engine.live.protocol import (  # noqa: E402
+    ProtocolError,
+    Request,
+    StreamSpec,
+    orbit_camera,
+    pack_binary,
+    parse_message,
+    unpack_binary,
+)
 from engine.live.server import BackgroundServer, host_warning, is_loopback  # noqa: E402
 from engine.live.worker import RenderWorker, Slot  # noqa: E402
 

@@ -6,14 +6,21 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import ARKIT8
+from engine.data.synthetic import (
+    SYNTHETIC_VERSION,
+    SyntheticHead,
+    check_synthetic_version,
+    default_camera,
+    default_rig_cameras,
+    orbit_camera,
+    synthetic_head,
+)
+from engine.data.synthetic_look import IRIS_ANGLE, part_of
+from engine.data.synthetic_mesh import CANONICAL_SCALE, EYE_CENTRES, EYEBALL, Y_MOUTH, head_geometry
 from engine.errors import ConfigError, InputError
 from engine.geometry import Camera
 from engine.heads import HeadModel, head_model_kinds, load_head_model
 from engine.raster import rasterize
-from engine.data.synthetic import (SYNTHETIC_VERSION, SyntheticHead, check_synthetic_version, default_camera,
-                                   default_rig_cameras, orbit_camera, synthetic_head)
-from engine.data.synthetic_look import IRIS_ANGLE, part_of
-from engine.data.synthetic_mesh import CANONICAL_SCALE, EYE_CENTRES, EYEBALL, Y_MOUTH, head_geometry
 
 CASES = [("neutral", None)] + [(name, torch.eye(8)[i]) for i, name in enumerate(ARKIT8)]
 

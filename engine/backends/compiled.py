@@ -25,9 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..conditioning import build_condition
+from kernels import available, preload
+
+from ..conditioning import pack_textures
 from ..errors import BackendError, ConfigError, InputError
 from ..frame import to_pixels
+from ..fused import build_condition_fused
 from . import Backend
 from .hoisted import HoistedNetworks
 
@@ -164,7 +167,8 @@ class CompiledBackend(Backend):
             if not events:
                 raise
             # Event nodes are the only optional part of the capture: capture again without them.
-            warnings.warn(f"capturing timing events in the CUDA graph failed ({e}); capturing without them", stacklevel=2)
+            warnings.warn(f"capturing timing events in the CUDA graph failed ({e}); capturing without them",
+                          stacklevel=2)
             torch.cuda.synchronize(self.device)
             self.timing, events, graph = False, None, torch.cuda.CUDAGraph()
             with self._settings(benchmark=False), torch.cuda.graph(graph):
@@ -201,8 +205,6 @@ class CompiledBackend(Backend):
         """RasterBuffers -> conditioning image `[B, C, H, W]`: float16 channels-last from the fused kernel on
         CUDA, else the float32 reference. `out` (optional): written in place and returned."""
         if self._packed is not None:
-            from kernels import build_condition_fused
-
             from ..raster import RasterBuffers
 
             # The rasterisers return depth and canonical as views of one buffer; the kernel wants each contiguous.
@@ -210,10 +212,10 @@ class CompiledBackend(Backend):
             try:
                 return build_condition_fused(flat, self._packed, self.config.conditioning, out=out)
             except (BackendError, InputError) as e:
-                warnings.warn(f"fused conditioning kernel failed ({e}); using the torch reference from now on")
+                warnings.warn(f"fused conditioning kernel failed ({e}); using the torch reference from now on",
+                              stacklevel=2)
                 self._packed = None
-        cond = build_condition(raster, self.avatar.textures, self.config.conditioning)
-        return out.copy_(cond) if out is not None else cond
+        return super().condition(raster, out)
 
     # -- measurements ----------------------------------------------------------------------------
     def first_step(self, condition: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -257,13 +259,7 @@ class CompiledBackend(Backend):
 
     def _fused_textures(self):
         """Neural textures packed for the fused conditioning kernel, or None where it cannot run."""
-        if self.device.type != "cuda":
-            return None
-        try:
-            from kernels import available, pack_textures, preload
-        except ImportError:
-            return None
-        if not available():
+        if self.device.type != "cuda" or not available():
             return None
         try:
             preload(self.device)

@@ -18,8 +18,20 @@ import torch.nn.functional as F
 
 from ..geometry import Camera, Mesh
 from ..raster import rasterize
-from .synthetic_mesh import CANONICAL_SCALE, CAVITY, EYE_CENTRES, EYE_RADIUS, EYEBALL, LID, PART_CODES, PART_NAMES, \
-    SKIN, TEETH, Y_MOUTH, lid_edges
+from .synthetic_mesh import (
+    CANONICAL_SCALE,
+    CAVITY,
+    EYE_CENTRES,
+    EYE_RADIUS,
+    EYEBALL,
+    LID,
+    PART_CODES,
+    PART_NAMES,
+    SKIN,
+    TEETH,
+    Y_MOUTH,
+    lid_edges,
+)
 
 SKIN_RGB = (0.87, 0.67, 0.55)
 CHEEK_RGB = (0.90, 0.58, 0.52)
@@ -161,9 +173,9 @@ def shade(colour: torch.Tensor, normals: torch.Tensor, part: torch.Tensor, view:
     spec = torch.zeros_like(light)
     gloss = torch.where(part == EYEBALL, 0.6, torch.where(part == TEETH, 0.15, 0.04))
     for direction, power in (KEY_LIGHT, FILL_LIGHT):
-        l = F.normalize(torch.tensor(direction, dtype=colour.dtype, device=colour.device), dim=0)
-        light = light + power * (normals @ l).clamp(min=0)
-        h = F.normalize(l + view, dim=0)
+        to_light = F.normalize(torch.tensor(direction, dtype=colour.dtype, device=colour.device), dim=0)
+        light = light + power * (normals @ to_light).clamp(min=0)
+        h = F.normalize(to_light + view, dim=0)
         spec = spec + power * (normals @ h).clamp(min=0) ** 40
     return (colour * light[:, None] + (gloss * spec)[:, None]).clamp(0, 1)
 

@@ -23,8 +23,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import AvatarError, ConfigError
-from .protocol import (ORBIT_DEFAULTS, PROTOCOL_VERSION, ProtocolError, Request, StreamSpec, camera_key,
-                       error_message, frame_message)
+from .protocol import (
+    ORBIT_DEFAULTS,
+    PROTOCOL_VERSION,
+    ProtocolError,
+    Request,
+    StreamSpec,
+    camera_key,
+    error_message,
+    frame_message,
+)
 
 log = logging.getLogger(__name__)
 MAX_WEBCAM_PIXELS = 4096 * 4096

@@ -1,5 +1,7 @@
 """Fused CUDA kernels against their torch twins on a GPU: parity on random inputs, layouts, texture dtypes,
-and replay inside a CUDA graph. Skipped without CUDA.
+and replay inside a CUDA graph. Skipped without CUDA. The kernels run through the engine-side ops
+(`engine.fused`), which must launch them on CUDA tensors: a fallback to the twin there warns, and the warning is an
+error here; `test_engine_ops_launch_the_kernels` checks the dispatch and the layout numbers directly.
 
 Tolerance for the conditioning image: the kernel rounds its float32 result to half once; the reference is
 computed in float32 (on the same GPU) and rounded to half too, so they differ by float32 rounding noise
@@ -13,9 +15,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.conditioning import NeuralTextures, build_condition
+import kernels
+from engine.conditioning import NeuralTextures, PackedTextures, build_condition, pack_textures
 from engine.config import ConditioningConfig
-from kernels import PackedTextures, available, build_condition_fused, pack_textures, preload, to_pixels_fused
+from engine.frame import to_pixels
+from engine.fused import build_condition_fused, to_pixels_fused
+from kernels import available, preload
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,15 +29,12 @@ pytestmark = [
         torch.cuda.is_available() and not available(),
         reason="cuda-python or NVRTC missing: pip install 'diffusion-avatars-engine[cuda]'",
     ),
+    # engine.fused's warning when it runs a twin on CUDA: these tests must run the kernels.
+    pytest.mark.filterwarnings("error:fused CUDA kernels unavailable"),
 ]
 
 DEVICE = "cuda"
 ATOL, RTOL = 2e-3, 1e-3
-
-
-def _to_pixels_formula(image: torch.Tensor) -> torch.Tensor:
-    """engine.renderer.to_pixels' formula (copied: that module pulls in the whole model stack)."""
-    return ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def _raster(cfg: ConditioningConfig, b: int, h: int, w: int, g: torch.Generator) -> SimpleNamespace:
@@ -143,8 +145,8 @@ def test_pixels_bit_exact(dtype):
     got = to_pixels_fused(image)
     torch.cuda.synchronize()
     assert got.shape == (2, 67, 45, 3) and got.is_contiguous()
-    assert torch.equal(got, _to_pixels_formula(image))
-    assert torch.equal(got.cpu(), _to_pixels_formula(image.cpu()))
+    assert torch.equal(got, to_pixels(image))
+    assert torch.equal(got.cpu(), to_pixels(image.cpu()))
 
 
 def test_graph_capture_replays_with_new_inputs():
@@ -179,4 +181,30 @@ def test_graph_capture_replays_with_new_inputs():
         graph.replay()
         torch.cuda.synchronize()
         _assert_close(out, _reference(fresh, tex, cfg), fresh.mask)
-        assert torch.equal(pixels, _to_pixels_formula(image))
+        assert torch.equal(pixels, to_pixels(image))
+
+
+def test_engine_ops_launch_the_kernels(monkeypatch):
+    """On CUDA tensors engine.fused calls the kernels (not the twins) with the config's layout numbers."""
+    g = torch.Generator().manual_seed(17)
+    cfg = ConditioningConfig(canonical_dims=5, texture_resolution=32, texture_channels=16)
+    raster, tex = _raster(cfg, 1, 24, 24, g), pack_textures(_textures(cfg, g))
+    image = (torch.rand(1, 3, 8, 8, generator=g) * 2 - 1).to(DEVICE)
+    calls = []
+
+    def spy(name):
+        real = getattr(kernels, name)
+        return lambda *args, **kwargs: calls.append(name) or real(*args, **kwargs)
+
+    for name in ("fused_condition", "fused_pixels"):
+        monkeypatch.setattr(kernels, name, spy(name))
+    got = build_condition_fused(raster, tex, cfg)
+    pixels = to_pixels_fused(image)
+    assert calls == ["fused_condition", "fused_pixels"]
+    direct = kernels.fused_condition(
+        raster.mask, raster.depth, raster.canonical, raster.normals, tex.planes, tex.ambient,
+        canonical_dims=5, texture_channels=16, texture_resolution=32, depth_max=cfg.depth_max,
+        coord_min=cfg.canonical_min + cfg.ambient_min, coord_max=cfg.canonical_max + cfg.ambient_max,
+    )  # fmt: skip
+    torch.cuda.synchronize()
+    assert torch.equal(got, direct) and torch.equal(pixels, kernels.fused_pixels(image))
