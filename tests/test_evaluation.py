@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from engine.data.synthetic import SYNTHETIC_VERSION, SyntheticHead, default_rig_cameras
-from engine.data.write_synthetic import write_synthetic_dataset
+from engine.data.synthetic_dataset import write_synthetic_dataset
 from engine.errors import BackendError, CheckpointError, ConfigError
-from engine.evaluation import (LPIPS, add_arguments, autoencoder_images, evaluate, format_table, frame_scores,
-                               held_out_cameras, run, turn_camera)
+from engine.evaluation import evaluate
+from engine.evaluation.cli import add_arguments, format_table, run
+from engine.evaluation.held_out import held_out_cameras, turn_camera
+from engine.evaluation.scores import LPIPS, autoencoder_images, frame_scores
 from engine.model import Avatar
 from test_training import tiny_config, write_dataset
 
@@ -64,7 +66,7 @@ def test_autoencoder_images_round_trip_the_vae():
 
 def test_held_out_cameras_are_not_rig_cameras():
     rig = default_rig_cameras(12, 32)
-    held = held_out_cameras(32)
+    held = held_out_cameras(rig)
     assert len(held) >= 6
     centres = torch.stack([c.center for c in rig])
     for cam in held:

@@ -1,7 +1,7 @@
 """`train()`: the accelerate loop of `avatar train` (one CPU, one GPU or several GPUs, the same code).
 
 Out folder:
-    <out>/train.json                  the run (written by the CLI: TrainConfig, data, avatar spec)
+    <out>/train.json                  the run (`run_file.write_run`: TrainConfig, data, avatar spec)
     <out>/checkpoints/step-XXXXXX/    accelerate state: model, optimisers, grad scaler, RNG, `TrainState`
     <out>/avatar/                     the latest avatar (`Avatar.save_pretrained`; `avatar render --avatar` reads it)
     <out>/log.jsonl                   one JSON object per log / validation event
@@ -262,7 +262,7 @@ def _checkpoint(accelerator, avatar, out: Path, step: int, keep: int) -> None:
 def _validate(avatar, items: Sequence[dict], config: "TrainConfig", out: Path, step: int, device) -> dict:
     """Render `items` with DDIM (`config.validation_steps`), score them against their images, save the grid;
     returns the mean scores. The Renderer freezes the avatar: its flags and training mode are restored."""
-    from ..evaluation import frame_scores, save_grid, target_images, to_unit
+    from ..evaluation.scores import frame_scores, save_grid, target_images, to_unit
     from ..renderer import Renderer
 
     flags = {p: p.requires_grad for p in avatar.parameters()}
