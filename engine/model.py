@@ -26,7 +26,8 @@ from .files import atomic_path, write_atomic
 from .init import seeded_init, training_init
 
 FORMAT = "diffusion-avatars-engine/avatar"
-FORMAT_VERSION = 1
+# 2: the config records what the avatar was trained on (`AvatarConfig.trained_on`); version 1 folders load with None
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INITS = ("random", "training")

@@ -1,8 +1,8 @@
 """Held-out frames: what `evaluate` scores an avatar on, each a `HeldOutFrame` (camera, code, posed mesh, truth).
 
 From a dataset's eval split (`dataset_frames`: unseen cameras and unseen sequences), or, for an avatar whose head
-model is the synthetic head, regenerated on the fly (`synthetic_frames`): the cameras of the avatar's training rig
-(`training_rig`) turned by half the rig's spacing in yaw (so none is a training camera), through expression
+model is the synthetic head, regenerated on the fly (`synthetic_frames`): the cameras of the avatar's own training
+rig (`training_rig`) turned by half the rig's spacing in yaw (so none is a training camera), through expression
 curves of the dataset generator's kind drawn with a seed no dataset uses (`HELD_OUT_SEED`).
 """
 
@@ -46,8 +46,11 @@ def turn_camera(camera: Camera, yaw: float) -> Camera:
 
 
 def training_rig(config) -> list[Camera]:
-    """The cameras the avatar (its `AvatarConfig`) was trained with: the synthetic generator's default rig
+    """The cameras the avatar (its `AvatarConfig`) was trained with: its recorded `trained_on.rig`, or for an avatar
+    that records none (folders of format_version 1, untrained presets) the synthetic generator's default rig
     (`default_rig_cameras`, 12 cameras) at the avatar's size."""
+    if config.trained_on is not None:
+        return [Camera.from_dict(d) for d in config.trained_on.rig]
     from ..data.synthetic import default_rig_cameras
 
     return default_rig_cameras(size=config.image_size)

@@ -1,5 +1,6 @@
 """What a training run starts from: the avatar that `--avatar` names, shaped to the dataset (`build_avatar`), the
-check that an avatar fits a dataset (`check_compatible`), and the frames validation renders (`validation_items`).
+check that an avatar fits a dataset (`check_compatible`), the frames validation renders (`validation_items`), and
+the record of the training data the avatar keeps (`trained_on`).
 
 `--avatar` (`engine.avatars.resolve_avatar`, config files allowed) names a preset (`tiny`, `sd21`) or an
 AvatarConfig JSON file: a new avatar, shaped to the dataset (image size, expression code, canonical dimensions, and
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import AvatarConfig
+from ..config import AvatarConfig, TrainedOn
 from ..errors import ConfigError, FormatError
 
 SYNTHETIC_HEAD = "synthetic"  # head model spec of avatars trained on synthetic data (engine.data.synthetic)
@@ -47,8 +48,9 @@ def shape_to_dataset(config: AvatarConfig, dataset) -> AvatarConfig:
     if width != height:
         raise FormatError(f"the dataset's images are {width}x{height}; training needs square images")
     index = dataset.index
+    # trained_on: a config file may be another avatar's config.json; this one is trained afresh (train records it)
     changes = {"image_size": width, "expression_dim": dataset.expression_dim,
-               "expression_names": dataset.expression_names,
+               "expression_names": dataset.expression_names, "trained_on": None,
                "conditioning": dataclasses.replace(config.conditioning, canonical_dims=dataset.canonical_dims)}
     if index.synthetic_version is not None:
         changes.update(head_model=SYNTHETIC_HEAD, synthetic_version=index.synthetic_version)
@@ -93,3 +95,18 @@ def validation_items(data: str | Path, frames: int) -> list[dict]:
     indices = np.linspace(0, len(dataset) - 1, min(frames, len(dataset))).round().astype(int)
     return [dataset[int(i)] for i in indices]
 
+
+def trained_on(dataset) -> TrainedOn:
+    """The `TrainedOn` record of an `AvatarDataset` split (the items a run trains on): the ranges of its cameras'
+    orbit angles and distances (`engine.orbit.orbit_angles`) and of its frames' codes, and every camera of the
+    dataset (its rig)."""
+    from ..orbit import orbit_angles
+
+    cameras = sorted({camera for _, camera, _ in dataset.samples})
+    angles = np.array([orbit_angles(dataset.cameras[name]) for name in cameras])  # [C, 3]: yaw, pitch, distance
+    frames = sorted({(sequence, t) for sequence, _, t in dataset.samples})
+    codes = np.stack([dataset.expression(sequence, t).numpy() for sequence, t in frames])  # [N, E]
+    low, high = angles.min(0).tolist(), angles.max(0).tolist()
+    return TrainedOn(azimuth_deg=(low[0], high[0]), elevation_deg=(low[1], high[1]), distance=(low[2], high[2]),
+                     code_min=tuple(codes.min(0).tolist()), code_max=tuple(codes.max(0).tolist()),
+                     rig=tuple(camera.to_dict() for camera in dataset.cameras.values()))

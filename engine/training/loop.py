@@ -30,6 +30,7 @@ from tqdm import tqdm
 from ..errors import BackendError, CheckpointError, ConfigError
 from ..files import write_atomic
 from ..init import tensor_seed
+from .build import trained_on
 from .objectives import TrainingModule, crop_batch, draw, measure_scaling_factor, rasterize_batch
 
 if TYPE_CHECKING:
@@ -120,10 +121,11 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def train(avatar, dataset, out: str | Path, config: "TrainConfig", *, validation: Sequence[dict] = (),
           train_vae: bool | None = None, resume: bool = False, collate_fn: Callable | None = None):
-    """Train `avatar` (an `engine.model.Avatar`, modified in place and returned) on `dataset` (items as
-    `engine.data.dataset.AvatarDataset` gives them) for `config`; write checkpoints, the avatar and the log to
-    `out`. `validation`: dataset items rendered every `config.validate_every` steps. `train_vae` (default:
-    `config.trains_vae`) runs stage 1 first. `resume` continues from the latest checkpoint in `out`."""
+    """Train `avatar` (an `engine.model.Avatar`, modified in place and returned) on `dataset` (an
+    `engine.data.dataset.AvatarDataset` split, recorded as the avatar's `config.trained_on`) for `config`; write
+    checkpoints, the avatar and the log to `out`. `validation`: dataset items rendered every
+    `config.validate_every` steps. `train_vae` (default: `config.trains_vae`) runs stage 1 first. `resume`
+    continues from the latest checkpoint in `out`."""
     try:
         from accelerate import Accelerator, DistributedDataParallelKwargs
         from accelerate.state import AcceleratorState
@@ -133,6 +135,7 @@ def train(avatar, dataset, out: str | Path, config: "TrainConfig", *, validation
     if collate_fn is None:
         from ..data.dataset import collate as collate_fn
     out = Path(out)
+    avatar.config = avatar.config.replace(trained_on=trained_on(dataset))  # saved with every checkpoint's avatar
     train_vae = config.trains_vae if train_vae is None else train_vae
     vae_steps = config.vae_steps if train_vae else 0
     total = vae_steps + config.steps
