@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .command_options import AVATAR_HELP, add_render_options
 from .errors import AvatarError
-
-AVATAR_HELP = "a preset (tiny, sd21), an avatar shipped with the package, or an avatar folder"
 
 # Commands whose code lives in its own module (`add_arguments(parser)` + `run(args)`), imported only when chosen
 # so that `avatar --help` stays fast and works without the optional extras.
@@ -22,23 +21,11 @@ COMMANDS = {
     "import-nersemble": ("engine.data.import_nersemble",
                          "convert the release's tracked NeRSemble data into a training dataset"),
     "train": ("engine.training.cli", "train an avatar on a dataset (accelerate: CPU, one or several GPUs)"),
-    "eval": ("engine.evaluation", "render held-out frames and report PSNR, SSIM and flicker"),
+    "eval": ("engine.evaluation.cli", "render held-out frames and report PSNR, SSIM and flicker"),
     "drive": ("engine.live.drive", "drive an avatar from a video or a webcam (expression transfer)"),
     "fit-driver": ("engine.live.fit", "fit the tracker-to-code map of an avatar on its training frames"),
     "serve": ("engine.live.server", "serve the browser viewer and the code-stream WebSocket"),
 }
-
-
-def add_render_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default=None, help="frame backend: reference, compiled (default: compiled on CUDA, "
-                   "reference elsewhere)")
-    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="sampler (default: ddpm, the release's)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps, 1..50 (default: 20)")
-    p.add_argument("--seed", type=int, default=None, help="fixed-noise seed (default: the avatar's, 181998)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="precision (default: the backend's: float32 for reference, float16 for compiled)")
-    p.add_argument("--raster", default="torch", choices=["torch", "nvdiffrast"], help="rasteriser (default: torch)")
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:

@@ -7,10 +7,11 @@ Conventions (channel order, ranges, schedule) come from `shared/design/model.md`
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 
 CONFIG_VERSION = 1
 
@@ -160,6 +161,79 @@ class ConditioningConfig:
         return sum(n for _, n in self.channel_layout())
 
 
+CAMERA_KEYS = ("R", "t", "fx", "fy", "cx", "cy", "width", "height")  # `engine.geometry.Camera.to_dict()`
+# Slack of `TrainedOn.contains_*`: a camera or code rebuilt from float32 values lands a few ulps off a bound.
+ANGLE_SLACK_DEG, DISTANCE_SLACK, CODE_SLACK = 1e-3, 1e-5, 1e-6
+
+
+@dataclass(frozen=True)
+class TrainedOn:
+    """What an avatar was trained on, recorded from its dataset by training (`engine.training.train`).
+
+    Angles are `engine.orbit`'s, in degrees about the world origin (the head centre): azimuth = yaw (0 in front of
+    the face, +z; > 0 toward +x, the subject's left), elevation = pitch (> 0 up). Ranges are closed (low, high).
+
+    azimuth_deg, elevation_deg, distance: the ranges of the training cameras' positions (the cameras of the
+        dataset's train split; distance in metres). A rig all around the head spans (-180, 180) in azimuth.
+    code_min, code_max: per code dimension, the lowest and the highest value of the training frames' codes.
+    rig: every camera of the dataset as `Camera.to_dict()` (its eval cameras too), in the dataset's order: where
+        `avatar eval` places a synthetic avatar's held-out cameras (between these).
+    """
+
+    azimuth_deg: tuple[float, float]
+    elevation_deg: tuple[float, float]
+    distance: tuple[float, float]
+    code_min: tuple[float, ...]
+    code_max: tuple[float, ...]
+    rig: tuple[dict, ...]
+
+    def __post_init__(self):
+        for name in ("azimuth_deg", "elevation_deg", "distance", "code_min", "code_max"):
+            values = getattr(self, name)
+            if not isinstance(values, (list, tuple)) or not all(_is_finite_number(v) for v in values):
+                raise ConfigError(f"trained_on.{name} must be a list of finite numbers, got {values!r}")
+            object.__setattr__(self, name, tuple(float(v) for v in values))
+        for name in ("azimuth_deg", "elevation_deg", "distance"):
+            values = getattr(self, name)
+            if len(values) != 2 or values[0] > values[1]:
+                raise ConfigError(f"trained_on.{name} must be a [low, high] pair with low <= high, got {list(values)}")
+        if self.distance[0] <= 0:
+            raise ConfigError(f"trained_on.distance must be > 0 metres, got {list(self.distance)}")
+        if not self.code_min or len(self.code_min) != len(self.code_max):
+            raise ConfigError(f"trained_on.code_min and code_max need one value per code dimension each, got "
+                              f"{len(self.code_min)} and {len(self.code_max)}")
+        if any(lo > hi for lo, hi in zip(self.code_min, self.code_max)):
+            raise ConfigError("trained_on.code_min must not exceed code_max in any dimension")
+        if not isinstance(self.rig, (list, tuple)) or not self.rig or not all(
+                isinstance(c, dict) and sorted(c) == sorted(CAMERA_KEYS) for c in self.rig):
+            raise ConfigError(f"trained_on.rig must be a non-empty list of camera objects with the keys {CAMERA_KEYS}")
+        object.__setattr__(self, "rig", tuple(self.rig))
+
+    def contains_camera(self, camera) -> bool:
+        """Whether an `engine.geometry.Camera`'s position lies inside the trained azimuth, elevation and distance
+        ranges (where it looks is not checked)."""
+        from .orbit import orbit_angles
+
+        yaw, pitch, distance = orbit_angles(camera)
+        return (_inside(yaw, self.azimuth_deg, ANGLE_SLACK_DEG) and _inside(pitch, self.elevation_deg, ANGLE_SLACK_DEG)
+                and _inside(distance, self.distance, DISTANCE_SLACK))
+
+    def contains_code(self, code) -> bool:
+        """Whether every value of `code` (E numbers) lies inside its dimension's trained range."""
+        values = [float(v) for v in code]
+        if len(values) != len(self.code_min):
+            raise InputError(f"the code has {len(values)} values, the avatar was trained on {len(self.code_min)}")
+        return all(_inside(v, r, CODE_SLACK) for v, r in zip(values, zip(self.code_min, self.code_max)))
+
+
+def _is_finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _inside(value: float, bounds: tuple[float, float], slack: float) -> bool:
+    return bounds[0] - slack <= value <= bounds[1] + slack
+
+
 @dataclass(frozen=True)
 class AvatarConfig:
     """Everything that fixes an avatar's shapes. `from_preset(name)` gives the shipped presets."""
@@ -177,6 +251,7 @@ class AvatarConfig:
     prompt_length: int = 77
     head_model: str = "builtin:head"  # see engine.heads.load_head_model
     synthetic_version: int | None = None  # the synthetic generator's version for avatars trained on its data
+    trained_on: TrainedOn | None = None  # the training cameras' and codes' ranges and rig; None: not recorded
     noise_seed: int = 181998  # the release's fixed seed: same initial latent and step noise every frame
     version: int = CONFIG_VERSION
 
@@ -195,6 +270,14 @@ class AvatarConfig:
             )
         if self.expression_dim < 1 or self.expression_tokens < 1:
             raise ConfigError("expression_dim and expression_tokens must be positive")
+        if self.trained_on is not None:
+            if len(self.trained_on.code_min) != self.expression_dim:
+                raise ConfigError(f"trained_on records {len(self.trained_on.code_min)} code dimensions for a "
+                                  f"{self.expression_dim}-value code; drop trained_on or fix expression_dim")
+            sizes = sorted({(c["width"], c["height"]) for c in self.trained_on.rig})
+            if sizes != [(self.image_size, self.image_size)]:
+                raise ConfigError(f"trained_on.rig cameras render {sizes}, the avatar {self.image_size}x"
+                                  f"{self.image_size}; drop trained_on or fix image_size")
 
     @property
     def latent_size(self) -> int:
@@ -229,13 +312,15 @@ class AvatarConfig:
 
 def build_config(cls, d: dict[str, Any]):
     """Build a (nested) config dataclass from plain JSON values; unknown keys are an error."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{cls.__name__} must be a JSON object, got {type(d).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(d) - set(fields)
     if unknown:
         raise ConfigError(f"{cls.__name__} has no field(s) {sorted(unknown)}; remove them from the config")
     kwargs = {}
     for name, value in d.items():
-        if name in _NESTED:
+        if name in _NESTED and (value is not None or fields[name].default is not None):  # trained_on may be null
             kwargs[name] = build_config(_NESTED[name], value)
         elif isinstance(value, list):
             kwargs[name] = tuple(value)
@@ -247,7 +332,8 @@ def build_config(cls, d: dict[str, Any]):
         raise ConfigError(f"invalid {cls.__name__}: {e}") from e
 
 
-_NESTED = {"unet": UNetConfig, "vae": VAEConfig, "schedule": ScheduleConfig, "conditioning": ConditioningConfig}
+_NESTED = {"unet": UNetConfig, "vae": VAEConfig, "schedule": ScheduleConfig, "conditioning": ConditioningConfig,
+           "trained_on": TrainedOn}
 
 
 def _tiny() -> AvatarConfig:

@@ -26,7 +26,8 @@ from .files import atomic_path, write_atomic
 from .init import seeded_init, training_init
 
 FORMAT = "diffusion-avatars-engine/avatar"
-FORMAT_VERSION = 1
+# 2: the config records what the avatar was trained on (`AvatarConfig.trained_on`); version 1 folders load with None
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INITS = ("random", "training")
@@ -236,7 +237,7 @@ class Avatar(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = self.config
-        mesh = _mesh_file(config.head_model, self.root)
+        mesh = _existing_mesh_file(config.head_model, self.root)
         if mesh is not None:
             config = config.replace(head_model=f"mesh:{mesh.name}")
             if not (folder / mesh.name).exists() or not (folder / mesh.name).samefile(mesh):
@@ -337,13 +338,11 @@ def _load_head_model(spec: str, root: Path | None):
     return load_head_model(spec, root=root)
 
 
-def _mesh_file(spec: str, root: Path | None) -> Path | None:
-    """The file of a `mesh:<file>` head model (relative paths resolve against `root`), else None."""
-    if not spec.startswith("mesh:"):
-        return None
-    path = Path(spec[len("mesh:"):])
-    if not path.is_absolute() and root is not None:
-        path = root / path
-    if not path.is_file():
+def _existing_mesh_file(spec: str, root: Path | None) -> Path | None:
+    """The file of a `mesh:<file>` head model (`engine.heads.mesh_file`), else None; CheckpointError if missing."""
+    from .heads import mesh_file
+
+    path = mesh_file(spec, root)
+    if path is not None and not path.is_file():
         raise CheckpointError(f"the head mesh {path} does not exist; put it back or change config.head_model")
     return path

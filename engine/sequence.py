@@ -30,6 +30,7 @@ from .errors import FormatError
 from .files import write_atomic
 from .frame import Frame
 from .geometry import Camera, Mesh
+from .orbit import DEFAULT_FOV_DEG, orbit_camera
 
 FORMAT = "diffusion-avatars-sequence"
 VERSION = 1
@@ -97,7 +98,7 @@ def read_sequence(path: str | Path) -> list[Frame]:
 
 
 def orbit(config: AvatarConfig, frames: int = 48, distance: float = 1.0, yaw_deg: float = 30.0,
-          pitch_deg: float = 8.0, fov_deg: float = 16.0, seed: int = 0) -> list[Frame]:
+          pitch_deg: float = 8.0, fov_deg: float = DEFAULT_FOV_DEG, seed: int = 0) -> list[Frame]:
     """A default sequence: the camera circles in front of the head (yaw +-yaw_deg, pitch +-pitch_deg) while the
     expression sweeps.
 
@@ -106,16 +107,13 @@ def orbit(config: AvatarConfig, frames: int = 48, distance: float = 1.0, yaw_deg
     """
     if frames < 1:
         raise FormatError(f"an orbit needs at least 1 frame, got {frames}")
-    size = config.image_size
-    fx = 0.5 * size / math.tan(math.radians(fov_deg) / 2)
     phase = np.linspace(0.0, 2 * math.pi, frames, endpoint=False)
     codes = _sweep(config, frames, seed)
     out = []
     for i, p in enumerate(phase):
         # an ellipse (not a figure of eight), so no two frames of one loop share a camera
-        yaw, pitch = math.radians(yaw_deg) * math.sin(p), math.radians(pitch_deg) * math.cos(p)
-        eye = distance * np.array([math.sin(yaw) * math.cos(pitch), math.sin(pitch), math.cos(yaw) * math.cos(pitch)])
-        camera = Camera.look_at(eye=eye, target=(0.0, 0.0, 0.0), fx=fx, width=size, height=size)
+        camera = orbit_camera(yaw_deg * math.sin(p), pitch_deg * math.cos(p), size=config.image_size,
+                              distance=distance, fov_deg=fov_deg)
         out.append(Frame(camera, torch.from_numpy(codes[i])))
     return out
 

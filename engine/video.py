@@ -1,4 +1,5 @@
-"""Frame sinks: an mp4 (H.264 through imageio-ffmpeg) or a folder of PNG frames, written whole or not at all."""
+"""Frame sinks: an mp4 (H.264 through imageio-ffmpeg) or a folder of PNG frames, written whole or not at all; and
+the frame layouts written to them (contact sheet, side by side)."""
 
 from __future__ import annotations
 
@@ -84,6 +85,14 @@ def contact_sheet(frames: list[np.ndarray], columns: int = 8) -> np.ndarray:
         r, k = divmod(i, columns)
         sheet[r * h:(r + 1) * h, k * w:(k + 1) * w] = frame
     return sheet
+
+
+def side_by_side(source: np.ndarray, rendered: np.ndarray) -> np.ndarray:
+    """[H, W', 3] uint8: the source resized to the rendered frame's height (aspect kept, even width) | rendered."""
+    h = rendered.shape[0]
+    w = max(2, round(source.shape[1] * h / source.shape[0] / 2) * 2)  # H.264 needs even sizes
+    small = np.asarray(Image.fromarray(np.ascontiguousarray(source)).resize((w, h), Image.BILINEAR))
+    return np.concatenate([small, rendered[..., :3]], axis=1)
 
 
 def write_png(path: str | Path, image: np.ndarray) -> Path:

@@ -8,11 +8,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import engine.model
-from engine.config import from_preset
+from engine.config import AvatarConfig, TrainedOn, from_preset
 from engine.errors import CheckpointError, ConfigError, InputError
 from engine.geometry import Mesh
 from engine.heads import builtin_head_mesh
 from engine.model import Avatar
+from engine.orbit import orbit_camera
 
 TINY = from_preset("tiny")
 R, C = TINY.conditioning.texture_resolution, TINY.conditioning.texture_channels
@@ -40,7 +41,7 @@ def test_round_trip_gives_identical_predictions(tiny_avatar, tmp_path):
     folder = tiny_avatar.save_pretrained(tmp_path / "a")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]  # no temp files
     meta = json.loads((folder / "config.json").read_text())
-    assert meta["format"] == "diffusion-avatars-engine/avatar" and meta["format_version"] == 1
+    assert meta["format"] == "diffusion-avatars-engine/avatar" and meta["format_version"] == 2
     with safe_open(folder / "model.safetensors", "pt") as f:
         assert f.metadata() == {"format": "pt"}
     loaded = Avatar.from_pretrained(folder)
@@ -117,6 +118,63 @@ def test_wrong_format_field(saved, tmp_path):
     (folder / "config.json").write_text(json.dumps({**meta, "format_version": 99}))
     with pytest.raises(CheckpointError, match="upgrade the engine"):
         Avatar.from_pretrained(folder)
+
+
+def _record(**changes):
+    """A TrainedOn of a tiny avatar (8-value code, 128 px): a rig of two cameras 20 degrees either side."""
+    fields = {"azimuth_deg": (-20.0, 20.0), "elevation_deg": (-5.0, 10.0), "distance": (0.9, 1.1),
+              "code_min": (0.0,) * 8, "code_max": (1.0,) * 7 + (0.5,),
+              "rig": tuple(orbit_camera(yaw, size=128).to_dict() for yaw in (-20.0, 20.0))}
+    return TrainedOn(**{**fields, **changes})
+
+
+def test_trained_on_round_trips_through_the_avatar_folder(saved, tmp_path):
+    avatar = Avatar.from_pretrained(saved)
+    assert avatar.config.trained_on is None  # a preset records no training
+    avatar.config = avatar.config.replace(trained_on=_record())
+    folder = avatar.save_pretrained(tmp_path / "b")
+    meta = json.loads((folder / "config.json").read_text())
+    assert meta["format_version"] == 2
+    assert meta["trained_on"]["azimuth_deg"] == [-20.0, 20.0] and meta["trained_on"]["code_max"][7] == 0.5
+    assert len(meta["trained_on"]["rig"]) == 2 and meta["trained_on"]["rig"][0]["width"] == 128
+    loaded = Avatar.from_pretrained(folder).config
+    assert loaded.trained_on == _record() and loaded == avatar.config
+    assert AvatarConfig.from_dict(json.loads(json.dumps(loaded.to_dict()))) == loaded
+
+
+def test_a_format_version_1_folder_loads_with_the_range_unknown(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    meta = json.loads((folder / "config.json").read_text())
+    del meta["trained_on"]  # version 1 folders have no such key
+    (folder / "config.json").write_text(json.dumps({**meta, "format_version": 1}))
+    assert Avatar.from_pretrained(folder).config.trained_on is None
+
+
+def test_trained_on_is_validated():
+    with pytest.raises(ConfigError, match="azimuth_deg"):
+        _record(azimuth_deg=(20.0, -20.0))
+    with pytest.raises(ConfigError, match="distance"):
+        _record(distance=(0.0, 1.0))
+    with pytest.raises(ConfigError, match="code_min"):
+        _record(code_min=(0.0,) * 3)
+    with pytest.raises(ConfigError, match="rig"):
+        _record(rig=({"R": 1},))
+    with pytest.raises(ConfigError, match="3 code dimensions"):
+        TINY.replace(trained_on=_record(code_min=(0.0,) * 3, code_max=(1.0,) * 3))
+    with pytest.raises(ConfigError, match="rig cameras render"):
+        TINY.replace(trained_on=_record(rig=(orbit_camera(size=64).to_dict(),)))
+
+
+def test_trained_on_tells_what_lies_inside_the_training_range():
+    record = _record()
+    assert record.contains_camera(orbit_camera(15.0, 5.0, size=128))
+    assert record.contains_camera(orbit_camera(-20.0, 10.0, size=32, distance=1.1))  # bounds are inside
+    for yaw, pitch, distance in ((25.0, 0.0, 1.0), (0.0, -6.0, 1.0), (0.0, 0.0, 1.2), (0.0, 0.0, 0.85)):
+        assert not record.contains_camera(orbit_camera(yaw, pitch, size=128, distance=distance))
+    assert record.contains_code([0.5] * 8) and record.contains_code([1.0] * 7 + [0.5])
+    assert not record.contains_code([0.5] * 7 + [0.6]) and not record.contains_code([-0.1] + [0.0] * 7)
+    with pytest.raises(InputError, match="8"):
+        record.contains_code([0.0] * 3)
 
 
 @pytest.mark.parametrize(

@@ -221,7 +221,7 @@ def test_empty_train_split_is_a_clear_error(tmp_path, tiny_root):
 
 
 def test_expression_sequences_cover_every_dimension():
-    from engine.data.write_synthetic import expression_sequences, held_out
+    from engine.data.synthetic_dataset import expression_sequences, held_out
 
     seqs = expression_sequences(12, 24, 8, seed=3)
     assert len(seqs) == 12 and all(s.shape == (24, 8) and s.dtype == np.float32 for s in seqs)
@@ -239,7 +239,8 @@ def test_write_synthetic_dataset_and_make_data_cli(tmp_path):
     import argparse
 
     from engine.config import ARKIT8
-    from engine.data.write_synthetic import add_arguments, run, write_synthetic_dataset
+    from engine.data.synthetic_dataset import write_synthetic_dataset
+    from engine.data.write_synthetic import add_arguments, run
 
     p = argparse.ArgumentParser()
     add_arguments(p)

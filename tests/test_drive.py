@@ -1,4 +1,5 @@
-"""`avatar drive` and `avatar fit-driver` (`engine.live.drive`, `engine.live.fit`): tracked video -> avatar video.
+"""`avatar drive` and `avatar fit-driver` (`engine.live.drive`, `engine.live.fit`; `engine.live.driver`,
+`engine.live.map_fitting`): tracked video -> avatar video.
 
 Needs the `live` extra (MediaPipe) and scikit-image (dev extra) for the astronaut photo."""
 
@@ -68,10 +69,11 @@ def test_drive_writes_a_side_by_side_video_and_counts_tracked_frames(video, tmp_
 
 def test_frames_without_a_face_keep_the_last_code_and_are_counted():
     from engine.config import ARKIT8
-    from engine.live.drive import Driver, base_camera
+    from engine.live.driver import Driver
     from engine.live.expression_map import ExpressionMap
+    from engine.orbit import orbit_camera
 
-    driver = Driver(ExpressionMap.by_name(ARKIT8), base_camera(128))
+    driver = Driver(ExpressionMap.by_name(ARKIT8), orbit_camera(size=128))
     try:
         face = _astronaut_frames(1)[0]
         first = driver(face)
@@ -84,7 +86,7 @@ def test_frames_without_a_face_keep_the_last_code_and_are_counted():
 
 
 def test_side_by_side_keeps_the_aspect_and_even_sizes():
-    from engine.live.drive import side_by_side
+    from engine.video import side_by_side
 
     out = side_by_side(np.zeros((480, 640, 3), np.uint8), np.zeros((128, 128, 3), np.uint8))
     assert out.shape == (128, 170 + 128, 3)
@@ -92,6 +94,7 @@ def test_side_by_side_keeps_the_aspect_and_even_sizes():
 
 def test_drive_refuses_bad_inputs_with_the_fix(video, tmp_path):
     from engine.live import drive
+    from engine.live.video_source import read_webcam
 
     with pytest.raises(InputError, match="--out"):
         _run(drive, ["--avatar", "tiny", "--video", str(video)])
@@ -99,7 +102,7 @@ def test_drive_refuses_bad_inputs_with_the_fix(video, tmp_path):
         _run(drive, ["--avatar", "tiny", "--video", str(tmp_path / "none.mp4"), "--out", str(tmp_path / "o.mp4")])
     if not Path("/dev/video99").exists():
         with pytest.raises(BackendError, match="--video"):
-            drive.read_webcam(99)
+            read_webcam(99)
 
 
 def _astronaut_dataset(root: Path) -> None:

@@ -8,19 +8,12 @@ import pytest
 import torch
 
 from engine.data.synthetic import SYNTHETIC_VERSION, SyntheticHead, default_rig_cameras
-from engine.data.write_synthetic import write_synthetic_dataset
+from engine.data.synthetic_dataset import write_synthetic_dataset
 from engine.errors import BackendError, CheckpointError, ConfigError
-from engine.evaluation import (
-    LPIPS,
-    add_arguments,
-    autoencoder_images,
-    evaluate,
-    format_table,
-    frame_scores,
-    held_out_cameras,
-    run,
-    turn_camera,
-)
+from engine.evaluation import evaluate
+from engine.evaluation.cli import add_arguments, format_table, run
+from engine.evaluation.held_out import held_out_cameras, turn_camera
+from engine.evaluation.scores import LPIPS, autoencoder_images, frame_scores
 from engine.model import Avatar
 from test_training import tiny_config, write_dataset
 
@@ -73,7 +66,7 @@ def test_autoencoder_images_round_trip_the_vae():
 
 def test_held_out_cameras_are_not_rig_cameras():
     rig = default_rig_cameras(12, 32)
-    held = held_out_cameras(32)
+    held = held_out_cameras(rig)
     assert len(held) >= 6
     centres = torch.stack([c.center for c in rig])
     for cam in held:
@@ -82,6 +75,54 @@ def test_held_out_cameras_are_not_rig_cameras():
     turned = turn_camera(rig[0], math.radians(10))
     origin = torch.zeros(1, 3)
     assert torch.allclose(turned.project(origin), rig[0].project(origin), atol=1e-3)  # still looks at the head
+
+
+def test_held_out_frames_follow_the_recorded_rig():
+    """The held-out cameras are placed between the avatar's own training cameras (its `trained_on.rig`)."""
+    from engine.config import TrainedOn
+    from engine.evaluation.held_out import synthetic_frames, training_rig
+    from engine.orbit import orbit_angles, orbit_camera
+
+    def with_rig(rig):
+        record = TrainedOn(azimuth_deg=(0.0, 0.0), elevation_deg=(0.0, 0.0), distance=(1.0, 1.0),
+                           code_min=(0.0,) * 8, code_max=(1.0,) * 8, rig=tuple(c.to_dict() for c in rig))
+        avatar = _synthetic_avatar()
+        avatar.config = avatar.config.replace(trained_on=record)
+        return avatar
+
+    # one frontal training camera: no neighbour, so the default spacing of 10 degrees; turned by half of it, to
+    # the first side tried (+yaw) as both are equally clear
+    held, _ = synthetic_frames(with_rig([orbit_camera(size=32)]), frames=2)
+    assert [f.label["camera"] for f in held] == ["heldout00", "heldout00"]
+    assert orbit_angles(held[0].camera) == pytest.approx((5.0, 0.0, 1.0), abs=1e-4)
+    # a different recorded camera count changes the held-out cameras; an avatar recording none gets the 12-camera
+    # default rig of the synthetic generator
+    six, twelve = default_rig_cameras(6, 32), default_rig_cameras(12, 32)
+
+    def centres(cameras):
+        return torch.stack([c.center for c in cameras])
+
+    assert torch.equal(centres(training_rig(with_rig(six).config)), centres(six))
+    assert torch.equal(centres(training_rig(_synthetic_avatar().config)), centres(twelve))
+    # the frontal camera's held-out twin is turned by half the rig's spacing, which the camera count sets
+    twin_yaw = [orbit_angles(held_out_cameras(rig)[0])[0] for rig in (six, twelve)]
+    assert twin_yaw[0] > 0 and twin_yaw[1] > 0 and abs(twin_yaw[0] - twin_yaw[1]) > 0.5
+
+
+def test_the_demo_avatar_records_its_make_data_rig():
+    """`avatar make-data --cameras 12 --size 128 --sequences 16 ...`: the rig is `default_rig_cameras(12, 128)`;
+    cam09 (yaw 20.5, pitch -2.2) is held out, which leaves the lattice's ends: yaw +-45 (1 - 1/11), pitch from
+    camera 10 (lattice point 9, v = frac(0.5 + 9 phi')) to camera 5 (point 4); every code dimension runs 0 -> 1."""
+    from engine.avatars import resolve_avatar
+
+    record = resolve_avatar("demo").config().trained_on
+    assert list(record.rig) == [c.to_dict() for c in default_rig_cameras(12, 128)]
+    golden = 0.6180339887498949
+    pitch = [(2 * ((0.5 + j * golden) % 1.0) - 1) * 20.0 for j in (9, 4)]
+    assert record.azimuth_deg == pytest.approx((-45.0 * 10 / 11, 45.0 * 10 / 11), abs=1e-4)
+    assert record.elevation_deg == pytest.approx(tuple(pitch), abs=1e-4)
+    assert record.distance == pytest.approx((1.0, 1.0), abs=1e-6)
+    assert record.code_min == (0.0,) * 8 and record.code_max == (1.0,) * 8
 
 
 def test_evaluate_regenerates_synthetic_frames(tmp_path):

@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 from engine.data.dataset import AvatarDataset, check
-from engine.data.import_nersemble import add_arguments, convert_nersemble, run
+from engine.data.import_nersemble import add_arguments, run
 from engine.data.meshio import read_mesh_file
 from engine.data.nersemble import NersemblePerson, dequantize_canonical, euler_xyz, rodrigues
+from engine.data.nersemble_dataset import convert_nersemble
 from engine.errors import FormatError
 
 SERIALS = ["222200037", "222200038"]

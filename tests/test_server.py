@@ -25,17 +25,18 @@ pytest.importorskip("websockets", reason="the live extra is not installed (pip i
 from websockets.sync.client import connect  # noqa: E402
 
 from engine.geometry import Camera  # noqa: E402
+from engine.live.app import BackgroundServer, host_warning, is_loopback  # noqa: E402
 from engine.live.protocol import (  # noqa: E402
     ProtocolError,
     Request,
     StreamSpec,
-    orbit_camera,
     pack_binary,
+    parse_camera,
     parse_message,
     unpack_binary,
 )
-from engine.live.server import BackgroundServer, host_warning, is_loopback  # noqa: E402
 from engine.live.worker import RenderWorker, Slot  # noqa: E402
+from engine.orbit import orbit_camera  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("jawOpen", "mouthSmileLeft", "mouthSmileRight", "browInnerUp", "eyeBlinkLeft", "eyeBlinkRight",
@@ -150,7 +151,7 @@ def test_loopback_hosts_and_the_public_host_warning():
 def test_slots_keep_the_newest_request_and_take_turns(tiny_avatar):
     worker = RenderWorker(tiny_avatar, sampler="ddim", steps=1)
     slots = [worker.open_slot(lambda payload: None) for _ in range(3)]
-    camera = orbit_camera(image_size=128)
+    camera = orbit_camera(size=128)
     for k, slot in enumerate(slots):
         for i in range(3 if k == 0 else 1):  # client 0 floods: only its newest request survives
             worker.submit(slot, Request((k, i), np.zeros(8, np.float32), camera, 1, "reference"))
@@ -169,7 +170,7 @@ def test_slots_keep_the_newest_request_and_take_turns(tiny_avatar):
 def test_unchanged_request_reuses_the_last_frame(tiny_avatar):
     worker = RenderWorker(tiny_avatar, sampler="ddim", steps=1)
     slot = Slot(0, lambda payload: None)
-    camera = orbit_camera(yaw=10, image_size=128)
+    camera = orbit_camera(10, size=128)
     first = unpack_binary(worker.serve(slot, Request(1, np.ones(8, np.float32) / 2, camera, 1, "reference")))
     again = unpack_binary(worker.serve(slot, Request(2, np.ones(8, np.float32) / 2, camera, 1, "reference")))
     assert not first[0]["cached"] and again[0]["cached"] and again[0]["render_ms"] == 0 and first[1] == again[1]
@@ -337,5 +338,5 @@ def test_socket_source_feeds_renderer_stream(tiny_avatar):
         sender.join(30)
     assert len(images) == 3
     for i, (image, camera) in enumerate(zip(images, cameras)):
-        expected = renderer.render(orbit_camera(image_size=128, **camera), np.asarray(_code(i), np.float32))
+        expected = renderer.render(parse_camera(camera, 128), np.asarray(_code(i), np.float32))
         np.testing.assert_array_equal(image, expected)

@@ -12,7 +12,6 @@ from engine.data.synthetic import (
     check_synthetic_version,
     default_camera,
     default_rig_cameras,
-    orbit_camera,
     synthetic_head,
 )
 from engine.data.synthetic_look import IRIS_ANGLE, part_of
@@ -20,6 +19,7 @@ from engine.data.synthetic_mesh import CANONICAL_SCALE, EYE_CENTRES, EYEBALL, Y_
 from engine.errors import ConfigError, InputError
 from engine.geometry import Camera
 from engine.heads import HeadModel, head_model_kinds, load_head_model
+from engine.orbit import orbit_camera
 from engine.raster import rasterize
 
 CASES = [("neutral", None)] + [(name, torch.eye(8)[i]) for i, name in enumerate(ARKIT8)]
@@ -169,7 +169,7 @@ def test_render_alpha_background_and_dtype(head):
     assert bool((rgb[alpha == 0] == 1).all())  # white background
     assert 0.3 < float(alpha.mean()) < 0.8  # the head fills much of the frame
     assert int(((alpha > 0) & (alpha < 1)).sum()) > 50  # anti-aliased outline
-    rect = head.render(orbit_camera(10, 5, 40).scaled(48, 32), None)[0]
+    rect = head.render(orbit_camera(10, 5, size=40).scaled(48, 32), None)[0]
     assert rect.shape == (32, 48, 3)
     with pytest.raises(InputError):
         head.render(default_camera(32), None, supersample=0)
@@ -238,7 +238,7 @@ def face_mesh():
 
 
 def _landmarks(face_mesh, head, code, size=256, yaw=0.0):
-    rgb, _ = head.render(orbit_camera(yaw, 0.0, size), code)
+    rgb, _ = head.render(orbit_camera(yaw, 0.0, size=size), code)
     image = np.ascontiguousarray((rgb.numpy() * 255).round().astype(np.uint8))
     found = face_mesh.process(image).multi_face_landmarks
     return None if not found else np.array([[p.x, p.y] for p in found[0].landmark]) * size

@@ -198,6 +198,16 @@ def test_cli_trains_resumes_and_writes_a_loadable_avatar(data, tmp_path, capsys)
     assert "trained avatar" in capsys.readouterr().out
     avatar = Avatar.from_pretrained(out / "avatar")
     assert avatar.config.image_size == 32 and avatar.config.vae.scaling_factor != 0.18215
+    # what it was trained on: cameras cam0 and cam2 at -20 and +20 degrees of yaw, 1 m away, level (cam1 is held
+    # out), and the codes of seq0 (seq1 is held out); the rig is all three cameras
+    record = avatar.config.trained_on
+    assert record.azimuth_deg == pytest.approx((-20.0, 20.0), abs=1e-4)
+    assert record.elevation_deg == pytest.approx((0.0, 0.0), abs=1e-4)
+    assert record.distance == pytest.approx((1.0, 1.0), abs=1e-6)
+    codes = np.load(data / "seq0" / "codes.npy")
+    assert record.code_min == tuple(codes.min(0).tolist()) and record.code_max == tuple(codes.max(0).tolist())
+    assert [Camera.from_dict(c).center.tolist() for c in record.rig] == [
+        cam.center.tolist() for cam in AvatarDataset(data, "all").cameras.values()]
     assert TrainConfig.from_dict(json.loads((out / "train.json").read_text())["train"]).steps == 2
     with pytest.raises(ConfigError, match="--resume"):
         _cli("--avatar", spec, *common, "--steps", "2")

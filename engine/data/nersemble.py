@@ -1,5 +1,6 @@
-"""The release's tracked data (NeRSemble layout): a reader, and `convert_nersemble` into the project's dataset format
-(`engine.data.dataset`), so real data trains and evaluates with the same commands as synthetic data.
+"""The release's tracked data (NeRSemble layout): a reader (`engine.data.nersemble_dataset.convert_nersemble` writes
+it in the project's dataset format, `engine.data.dataset`), so real data trains and evaluates with the same commands
+as synthetic data.
 
 Layout of one person's folder (file names and JSON keys as in the release's data manager)::
 

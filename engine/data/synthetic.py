@@ -16,9 +16,9 @@ The rig (codes in [0, 1]; each a smooth displacement field of the rest position,
 - cheekPuff: both cheeks outward.
 Left/right are the subject's: the left eye is on +x (the image's right in a frontal view).
 
-Cameras: `default_camera(size)` (frontal, 1 m, 16 deg field of view: the head and neck fill most of the frame),
-`orbit_camera(yaw, pitch, size)` and `default_rig_cameras(n, size)` (a fixed spread over yaw +-45 deg, pitch
-+-20 deg), all looking at the head centre, the origin.
+Cameras (`engine.orbit.orbit_camera`, all looking at the head centre, the origin): `default_camera(size)` (frontal,
+1 m, 16 deg field of view: the head and neck fill most of the frame) and `default_rig_cameras(n, size)` (a fixed
+spread over yaw +-45 deg, pitch +-20 deg).
 
 `SYNTHETIC_VERSION` changes whenever the generator's output does; data and avatars record it, and
 `check_synthetic_version` refuses a mismatch.
@@ -37,11 +37,11 @@ import torch
 from ..config import ARKIT8
 from ..errors import ConfigError, InputError
 from ..geometry import Camera, Mesh, vertex_normals
+from ..orbit import DEFAULT_FOV_DEG, orbit_camera
 from .synthetic_look import render_mesh
 from .synthetic_mesh import CAVITY, EYE_CENTRES, LID_TOP, SKIN, TEETH, Y_MOUTH, _smoothstep, head_geometry, lid_edges
 
 SYNTHETIC_VERSION = 1
-DEFAULT_FOV_DEG = 16.0  # frames the whole head and neck from 1 m
 JAW_ANGLE = math.radians(17.0)
 JAW_PIVOT = (0.0, 0.005, -0.02)
 
@@ -202,19 +202,9 @@ def synthetic_head(argument: str = "") -> SyntheticHead:
 
 
 # -- cameras ---------------------------------------------------------------------------------------------
-def orbit_camera(yaw_deg: float = 0.0, pitch_deg: float = 0.0, size: int = 128, distance: float = 1.0,
-                 fov_deg: float = DEFAULT_FOV_DEG) -> Camera:
-    """A square camera `distance` m from the head centre (the origin), looking at it; yaw > 0 moves it toward
-    the subject's left (+x), pitch > 0 up."""
-    yaw, pitch = math.radians(yaw_deg), math.radians(pitch_deg)
-    eye = (distance * math.cos(pitch) * math.sin(yaw), distance * math.sin(pitch),
-           distance * math.cos(pitch) * math.cos(yaw))
-    return Camera.look_at(eye, (0.0, 0.0, 0.0), width=size, height=size, fov_deg=fov_deg)
-
-
 def default_camera(size: int = 128, distance: float = 1.0, fov_deg: float = DEFAULT_FOV_DEG) -> Camera:
     """The frontal camera (on +z, looking at the head centre)."""
-    return orbit_camera(0.0, 0.0, size, distance, fov_deg)
+    return orbit_camera(size=size, distance=distance, fov_deg=fov_deg)
 
 
 def default_rig_cameras(n: int = 12, size: int = 128, distance: float = 1.0, fov_deg: float = DEFAULT_FOV_DEG,
@@ -224,12 +214,13 @@ def default_rig_cameras(n: int = 12, size: int = 128, distance: float = 1.0, fov
     evenly spaced, pitch by the golden ratio) so that any n covers the cap evenly."""
     if not isinstance(n, int) or n < 1:
         raise InputError(f"default_rig_cameras needs n >= 1 cameras, got {n!r}")
-    cams = [orbit_camera(0.0, 0.0, size, distance, fov_deg)]
+    cams = [default_camera(size, distance, fov_deg)]
     for j in range(n - 1):
         u, v = (j + 0.5) / (n - 1), (0.5 + j * 0.6180339887498949) % 1.0
-        cams.append(orbit_camera((2 * u - 1) * max_yaw_deg, (2 * v - 1) * max_pitch_deg, size, distance, fov_deg))
+        cams.append(orbit_camera((2 * u - 1) * max_yaw_deg, (2 * v - 1) * max_pitch_deg, size=size, distance=distance,
+                                 fov_deg=fov_deg))
     return cams
 
 
 __all__ = ["SYNTHETIC_VERSION", "SyntheticHead", "check_synthetic_version", "default_camera",
-           "default_rig_cameras", "orbit_camera", "synthetic_head"]
+           "default_rig_cameras", "synthetic_head"]

@@ -88,13 +88,20 @@ def _builtin(arg: str, root: Path | None) -> HeadModel:
     return StaticHead(builtin_head_mesh(), name="builtin:head")
 
 
-def _mesh_file(arg: str, root: Path | None) -> HeadModel:
+def mesh_file(spec: str, root: Path | str | None = None) -> Path | None:
+    """The file of a `mesh:<file>` head model spec (a relative file resolves against `root`, the avatar folder; the
+    working directory when None), or None for a spec of another kind. Whether the file exists is not checked."""
+    kind, _, arg = spec.strip().partition(":")
+    if kind != "mesh":
+        return None
     if not arg:
         raise ConfigError("'mesh:' needs a file, e.g. 'mesh:head.npz' (relative to the avatar folder)")
     path = Path(arg)
-    if not path.is_absolute() and root is not None:
-        path = root / path
-    return StaticHead(Mesh.load(path), name=f"mesh:{arg}")
+    return Path(root) / path if root is not None and not path.is_absolute() else path
+
+
+def _static_mesh(arg: str, root: Path | None) -> HeadModel:
+    return StaticHead(Mesh.load(mesh_file(f"mesh:{arg}", root)), name=f"mesh:{arg}")
 
 
 def _synthetic(arg: str, root: Path | None) -> HeadModel:
@@ -104,7 +111,7 @@ def _synthetic(arg: str, root: Path | None) -> HeadModel:
 
 
 register_head_model("builtin", _builtin)
-register_head_model("mesh", _mesh_file)
+register_head_model("mesh", _static_mesh)
 register_head_model("synthetic", _synthetic)
 
 __all__ = [
@@ -112,6 +119,7 @@ __all__ = [
     "StaticHead",
     "builtin_head_mesh",
     "load_head_model",
+    "mesh_file",
     "register_head_model",
     "head_model_kinds",
 ]

@@ -55,12 +55,13 @@ import numpy as np
 
 from ..errors import AvatarError, InputError
 from ..geometry import Camera
+from ..orbit import DEFAULT_FOV_DEG, orbit_camera
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 MAX_CODE_VALUE = 10.0
-ORBIT_DEFAULTS = {"yaw": 0.0, "pitch": 0.0, "distance": 1.0, "fov": 16.0}
+ORBIT_DEFAULTS = {"yaw": 0.0, "pitch": 0.0, "distance": 1.0, "fov": DEFAULT_FOV_DEG}  # engine.orbit's angles
 # (low, high) per orbit field: pitch stops short of the poles (look_at's up vector), distance keeps the head
 # inside the conditioning's [znear, zfar] = [0.1, 2] m depth range.
 ORBIT_RANGES = {"yaw": (-180.0, 180.0), "pitch": (-80.0, 80.0), "distance": (0.3, 1.8), "fov": (5.0, 90.0)}
@@ -226,16 +227,8 @@ def parse_camera(value, image_size: int) -> Camera:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
             raise ProtocolError(f"camera {key} = {v!r}: must be a number in [{lo:g}, {hi:g}]")
         orbit[key] = float(v)
-    return orbit_camera(image_size=image_size, **orbit)
-
-
-def orbit_camera(yaw: float = 0.0, pitch: float = 0.0, distance: float = 1.0, fov: float = 16.0,
-                 image_size: int = 512) -> Camera:
-    """A camera on a sphere around the head looking at the origin (angles in degrees; yaw 0 = in front, +z)."""
-    y, p = math.radians(yaw), math.radians(pitch)
-    eye = (distance * math.sin(y) * math.cos(p), distance * math.sin(p), distance * math.cos(y) * math.cos(p))
-    fx = 0.5 * image_size / math.tan(math.radians(fov) / 2)
-    return Camera.look_at(eye=eye, target=(0.0, 0.0, 0.0), fx=fx, width=image_size, height=image_size)
+    return orbit_camera(orbit["yaw"], orbit["pitch"], size=image_size, distance=orbit["distance"],
+                        fov_deg=orbit["fov"])
 
 
 def camera_key(camera: Camera) -> tuple:

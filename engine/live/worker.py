@@ -86,19 +86,19 @@ def decode_jpeg(data: bytes) -> np.ndarray:
 
 
 class Tracking:
-    """A client's webcam driver (`engine.live.drive.Driver`: tracker, expression map, head pose -> camera), built
+    """A client's webcam driver (`engine.live.driver.Driver`: tracker, expression map, head pose -> camera), built
     when its first webcam image arrives; anything missing is reported as "tracking unavailable: ..."."""
 
     def __init__(self, config, map_path: str | None = None):
         reason = tracking_status()
         if reason is not None:
             raise ProtocolError(reason)
-        from .drive import Driver
+        from ..orbit import orbit_camera
+        from .driver import Driver
         from .expression_map import ExpressionMap
-        from .protocol import orbit_camera
 
         try:
-            self.driver = Driver(ExpressionMap.for_avatar(config, map_path), orbit_camera(image_size=config.image_size))
+            self.driver = Driver(ExpressionMap.for_avatar(config, map_path), orbit_camera(size=config.image_size))
         except AvatarError as e:
             raise ProtocolError(f"tracking unavailable: {e}") from None
 
@@ -120,7 +120,7 @@ def tracking_status() -> str | None:
 
     for module, fix in (("engine.live.tracking", "it is not in this build"),
                         ("engine.live.expression_map", "it is not in this build"),
-                        ("engine.live.drive", "it is not in this build"),
+                        ("engine.live.driver", "it is not in this build"),
                         ("mediapipe", "install the live extra: pip install -e '.[live]'")):
         try:
             if importlib.util.find_spec(module) is None:

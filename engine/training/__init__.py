@@ -4,7 +4,9 @@
   reconstruction loss, with every random draw passed in (`Draws`), so a step is a pure function of its inputs.
 - `loop.py`: `train()`: data order, optimisers, accelerate (one CPU, one GPU, several GPUs), checkpoints and exact
   resume, validation renders, the progress bar and `log.jsonl`.
-- `cli.py`: `avatar train`.
+- `build.py`: the avatar a run starts from (shaped to the dataset), the fit check, the validation items.
+- `run_file.py`: `<out>/train.json`, the run's settings (read back by `--resume`).
+- `cli.py`: `avatar train` (parses, wires the above, prints).
 """
 
 from __future__ import annotations

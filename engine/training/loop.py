@@ -1,7 +1,7 @@
 """`train()`: the accelerate loop of `avatar train` (one CPU, one GPU or several GPUs, the same code).
 
 Out folder:
-    <out>/train.json                  the run (written by the CLI: TrainConfig, data, avatar spec)
+    <out>/train.json                  the run (`run_file.write_run`: TrainConfig, data, avatar spec)
     <out>/checkpoints/step-XXXXXX/    accelerate state: model, optimisers, grad scaler, RNG, `TrainState`
     <out>/avatar/                     the latest avatar (`Avatar.save_pretrained`; `avatar render --avatar` reads it)
     <out>/log.jsonl                   one JSON object per log / validation event
@@ -30,6 +30,7 @@ from tqdm import tqdm
 from ..errors import BackendError, CheckpointError, ConfigError
 from ..files import write_atomic
 from ..init import tensor_seed
+from .build import trained_on
 from .objectives import TrainingModule, crop_batch, draw, measure_scaling_factor, rasterize_batch
 
 if TYPE_CHECKING:
@@ -120,10 +121,11 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def train(avatar, dataset, out: str | Path, config: "TrainConfig", *, validation: Sequence[dict] = (),
           train_vae: bool | None = None, resume: bool = False, collate_fn: Callable | None = None):
-    """Train `avatar` (an `engine.model.Avatar`, modified in place and returned) on `dataset` (items as
-    `engine.data.dataset.AvatarDataset` gives them) for `config`; write checkpoints, the avatar and the log to
-    `out`. `validation`: dataset items rendered every `config.validate_every` steps. `train_vae` (default:
-    `config.trains_vae`) runs stage 1 first. `resume` continues from the latest checkpoint in `out`."""
+    """Train `avatar` (an `engine.model.Avatar`, modified in place and returned) on `dataset` (an
+    `engine.data.dataset.AvatarDataset` split, recorded as the avatar's `config.trained_on`) for `config`; write
+    checkpoints, the avatar and the log to `out`. `validation`: dataset items rendered every
+    `config.validate_every` steps. `train_vae` (default: `config.trains_vae`) runs stage 1 first. `resume`
+    continues from the latest checkpoint in `out`."""
     try:
         from accelerate import Accelerator, DistributedDataParallelKwargs
         from accelerate.state import AcceleratorState
@@ -133,6 +135,7 @@ def train(avatar, dataset, out: str | Path, config: "TrainConfig", *, validation
     if collate_fn is None:
         from ..data.dataset import collate as collate_fn
     out = Path(out)
+    avatar.config = avatar.config.replace(trained_on=trained_on(dataset))  # saved with every checkpoint's avatar
     train_vae = config.trains_vae if train_vae is None else train_vae
     vae_steps = config.vae_steps if train_vae else 0
     total = vae_steps + config.steps
@@ -262,7 +265,7 @@ def _checkpoint(accelerator, avatar, out: Path, step: int, keep: int) -> None:
 def _validate(avatar, items: Sequence[dict], config: "TrainConfig", out: Path, step: int, device) -> dict:
     """Render `items` with DDIM (`config.validation_steps`), score them against their images, save the grid;
     returns the mean scores. The Renderer freezes the avatar: its flags and training mode are restored."""
-    from ..evaluation import frame_scores, save_grid, target_images, to_unit
+    from ..evaluation.scores import frame_scores, save_grid, target_images, to_unit
     from ..renderer import Renderer
 
     flags = {p: p.requires_grad for p in avatar.parameters()}

@@ -143,8 +143,8 @@ def test_stream_in_order_and_equal_to_render(tiny):
 
 def test_no_recapture_when_the_mesh_changes_size(tiny):
     from benchmarks.bench import synthetic_mesh
+    from engine.frame import Frame
     from engine.pipeline import RenderPipeline
-    from engine.renderer import Frame
 
     avatar, frames = tiny
     raster = "nvdiffrast"

@@ -1,0 +1,61 @@
+"""`avatar eval`: parse the arguments, `evaluate` the avatar, print JSON or a short table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..command_options import AVATAR_HELP
+from . import evaluate
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of `avatar eval`."""
+    p.add_argument("--avatar", required=True, help=AVATAR_HELP)
+    p.add_argument("--data", default=None, help="dataset folder: score its eval split (default: regenerate "
+                   "held-out frames with the avatar's synthetic head)")
+    p.add_argument("--frames", type=int, default=16, help="held-out frames, and flicker-sequence length (default: 16)")
+    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="sampler (default: ddpm, the release's)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
+    p.add_argument("--seed", type=int, default=None, help="fixed-noise seed (default: the avatar's)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--batch-size", type=int, default=4, help="frames rendered at once (default: 4)")
+    p.add_argument("--out", default=None, help="folder for metrics.json and grid.png")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--lpips-weights", default=None, help="local state dict of a whole lpips.LPIPS module "
+                   "(torch.save(lpips.LPIPS(net='alex').state_dict(), PATH)); needs `pip install lpips`")
+
+
+def run(args: argparse.Namespace) -> None:
+    """`avatar eval`: evaluate and print JSON or a table."""
+    from ..avatars import load_avatar
+
+    avatar = load_avatar(args.avatar, device=args.device)
+    result = evaluate(avatar, data=args.data, frames=args.frames, sampler=args.sampler, steps=args.steps,
+                      seed=args.seed, out=args.out, device=args.device, lpips_weights=args.lpips_weights,
+                      batch_size=args.batch_size)
+    print(json.dumps(result, indent=1) if args.json else format_table(result))
+
+
+def format_table(result: dict) -> str:
+    """The short human-readable summary of an `evaluate` result."""
+    lines = [(f"avatar {result['avatar']} on {result['frames']} held-out frames ({result['data']}; "
+              f"{result['sampler']} {result['steps']} steps)")]
+    rows = [("PSNR (frame)", "psnr", "dB"), ("PSNR (head mask)", "psnr_mask", "dB"), ("SSIM", "ssim", ""),
+            ("LPIPS", "lpips", "")]
+    lines += [f"  {name:<22} {_num(result[key], 8, 3)} {unit}" for name, key, unit in rows if key in result]
+    a = result["autoencoder"]
+    lines.append(f"  {'VAE ceiling':<22} {_num(a['psnr'], 8, 3)} dB frame, {_num(a['psnr_mask'], 0, 3)} dB head mask, "
+                 f"SSIM {_num(a['ssim'], 0, 3)}  (decode(encode(ground truth)))")
+    f, n = result["flicker"], result["neutral"]
+    lines.append(f"  {'flicker (pred / GT)':<22} {_num(f['prediction'], 8, 4)} / {_num(f['ground_truth'], 0, 4)}"
+                 f"  ratio {_num(f['ratio'], 0, 2)}")
+    lines.append(f"  {'code gain (head mask)':<22} {_num(n['gain'], 8, 3)} dB  ({_num(n['psnr_mask'], 0, 2)} true vs "
+                 f"{_num(n['psnr_mask_neutral'], 0, 2)} neutral code)")
+    if "grid" in result:
+        lines.append(f"  grid: {result['grid']}")
+    return "\n".join(lines)
+
+
+def _num(value, width: int, digits: int) -> str:
+    return f"{value:{width}.{digits}f}" if value is not None else f"{'n/a':>{width}}"

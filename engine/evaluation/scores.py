@@ -1,0 +1,130 @@
+"""Scores of rendered frames against their ground truth: PSNR (whole frame and head mask) and SSIM per frame, the
+VAE's ceiling (decode(encode(truth))), flicker, LPIPS from local weights, the prediction / truth / error grid, and
+the JSON-safe means `evaluate` reports. The training loop's validation scores its renders with the same functions.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import BackendError, CheckpointError
+from ..files import write_atomic
+from ..metrics import psnr, ssim
+
+ERROR_GAIN = 4.0  # the grid's error column shows the mean |prediction - truth| over RGB x 4
+
+
+def to_unit(pixels) -> torch.Tensor:
+    """uint8 frames `[B, H, W, 3]` (numpy or tensor) -> float32 `[B, 3, H, W]` in [0, 1]."""
+    return torch.as_tensor(np.asarray(pixels)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def target_images(items) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dataset items -> (images `[B, 3, H, W]` in [0, 1], rounded to 8-bit values; masks `[B, 1, H, W]`)."""
+    images = torch.stack([it["image"] for it in items]).float()
+    return ((images + 1) / 2 * 255).round().clamp(0, 255) / 255, torch.stack([it["mask"] for it in items]).float()
+
+
+def frame_scores(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> list[dict]:
+    """Per frame {"psnr", "psnr_mask", "ssim"} of `pred` vs `target` (`[B, 3, H, W]` in [0, 1]) with head masks
+    `[B, 1, H, W]` (psnr_mask is NaN for a frame whose mask is empty)."""
+    whole, structure = psnr(pred, target).tolist(), ssim(pred, target).tolist()
+    covered = mask.flatten(1).sum(1) > 0
+    inside = [math.nan] * len(whole)
+    if covered.any():
+        values = psnr(pred[covered], target[covered], mask[covered]).tolist()
+        for i, v in zip(covered.nonzero().flatten().tolist(), values):
+            inside[i] = v
+    return [{"psnr": a, "psnr_mask": b, "ssim": c} for a, b, c in zip(whole, inside, structure)]
+
+
+@torch.no_grad()
+def autoencoder_images(vae, target: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+    """decode(encode(target)) with the posterior mean, `[B, 3, H, W]` in [0, 1]: what the avatar's VAE alone keeps of
+    the ground truth, the ceiling every frame the diffusion model renders sits under."""
+    weight = next(vae.parameters())
+    chunks = []
+    for part in target.split(batch_size):
+        x = (part * 2 - 1).to(weight.device, weight.dtype)
+        image = vae.decode(vae.encode(x).latent_dist.mean).sample
+        chunks.append((image.float().cpu() / 2 + 0.5).clamp(0, 1))
+    return torch.cat(chunks)
+
+
+def save_grid(path: str | Path, pred: torch.Tensor, target: torch.Tensor) -> Path:
+    """Write a PNG with one row per frame: prediction | ground truth | error (`[B, 3, H, W]` in [0, 1]; the error is
+    the mean absolute difference over RGB x ERROR_GAIN, black where exact); written to a temporary file and
+    renamed."""
+    error = ((pred - target).abs().mean(1, keepdim=True) * ERROR_GAIN).clamp(0, 1).expand_as(pred)
+    rows = torch.cat([pred, target, error], dim=3)  # [B, 3, H, 3W]
+    grid = (torch.cat(list(rows), dim=1).permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(grid).save(buffer, format="PNG")
+    path = Path(path)
+    write_atomic(path, buffer.getvalue())
+    return path
+
+
+def flicker(frames: torch.Tensor) -> float:
+    """Mean absolute difference of consecutive frames `[F, 3, H, W]` in [0, 1] (F >= 2)."""
+    return float((frames[1:] - frames[:-1]).abs().mean())
+
+
+def json_safe(value):
+    """`value` with NaN and infinite floats (an empty mask, identical images) as None: valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def mean_score(values) -> float:
+    """The mean of `values` without their NaNs (frames whose head mask is empty); NaN when none is left."""
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else math.nan
+
+
+class LPIPS:
+    """LPIPS (Zhang et al. 2018) from local weights only: `path` is a state dict of a whole `lpips.LPIPS` module
+    (backbone + linear heads; AlexNet or VGG, told apart by the first conv), e.g. written once where downloads work:
+    `torch.save(lpips.LPIPS(net="alex").state_dict(), "lpips_alex.pth")`. Needs the `lpips` package."""
+
+    def __init__(self, path: str | Path):
+        try:
+            import lpips
+        except ImportError as e:
+            raise BackendError("LPIPS needs the lpips package: pip install lpips (weights are read from "
+                               "--lpips-weights only, nothing is downloaded)") from e
+        path = Path(path)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several unrelated types for missing, damaged or foreign files
+            raise CheckpointError(f"{path} is not a readable LPIPS state dict ({e}); see `avatar eval --help`") from e
+        first = state.get("net.slice1.0.weight") if isinstance(state, dict) else None
+        if first is None:
+            raise CheckpointError(f"{path} is not a whole lpips.LPIPS state dict (no net.slice1.0.weight); save one "
+                                  "with torch.save(lpips.LPIPS(net='alex').state_dict(), PATH)")
+        net = "alex" if first.shape[-1] == 11 else "vgg"
+        self.model = lpips.LPIPS(net=net, pretrained=False, pnet_rand=True, verbose=False)
+        self.model.load_state_dict(state)
+        self.model.eval().requires_grad_(False)
+
+    def to(self, device) -> LPIPS:
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> list[float]:
+        """Per-frame LPIPS of `[B, 3, H, W]` images in [0, 1] (lower is closer)."""
+        device = next(self.model.parameters()).device
+        values = self.model(pred.to(device) * 2 - 1, target.to(device) * 2 - 1)
+        return values.flatten().tolist()
