@@ -1,5 +1,5 @@
-"""File I/O shared by every format: atomic writes (a file appears under its name whole, or not at all) and
-reading `.npz` archives with clear errors.
+"""File I/O shared by every format: atomic writes (a file appears under its name whole, or not at all), reading
+`.npz` archives with clear errors, and checking a loaded state dict against the one a model expects.
 
 Data is written to a temporary file in the target's own folder and then renamed onto the target with `os.replace`
 (a rename within one filesystem is atomic on POSIX and Windows), and the temporary file is removed if anything
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FormatError
+from .errors import CheckpointError, FormatError
 
 
 def _read_umask() -> int:
@@ -76,3 +76,18 @@ def read_npz(path: str | os.PathLike, fix: str) -> dict[str, np.ndarray]:
             return {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise FormatError(f"{path} is not a readable .npz ({e}); {fix}") from e
+
+
+def check_state_dict(expected: dict, got: dict, source: str) -> None:
+    """CheckpointError naming the first missing / unexpected keys, or the first tensor of the wrong shape."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    for what, keys in (("is missing", missing), ("has unexpected", unexpected)):
+        if keys:
+            more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+            raise CheckpointError(f"{source} {what} tensor(s) {keys[:5]}{more}; it was written for another avatar "
+                                  "config or is damaged: save or export it again with this engine")
+    for key, ref in expected.items():
+        if tuple(got[key].shape) != tuple(ref.shape):
+            raise CheckpointError(f"{source}: tensor {key} has shape {tuple(got[key].shape)}, expected "
+                                  f"{tuple(ref.shape)}; the checkpoint does not match the avatar config")

@@ -22,7 +22,7 @@ from .conditioning import NeuralTextures
 from .config import AvatarConfig, from_preset
 from .errors import CheckpointError, ConfigError, InputError
 from .expression import TOKENS_KWARG, add_expression_attention, expression_attention_paths
-from .files import atomic_path, write_atomic
+from .files import atomic_path, check_state_dict, write_atomic
 from .init import seeded_init, training_init
 
 FORMAT = "diffusion-avatars-engine/avatar"
@@ -311,21 +311,6 @@ def read_config(folder: Path) -> AvatarConfig:
         raise CheckpointError(f"{path} has format_version {version!r}; this engine reads up to {FORMAT_VERSION}: "
                               "upgrade the engine")
     return AvatarConfig.from_dict(data)
-
-
-def check_state_dict(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], source: str) -> None:
-    """CheckpointError naming the first missing / unexpected keys, or the first tensor of the wrong shape."""
-    missing = [k for k in expected if k not in got]
-    unexpected = [k for k in got if k not in expected]
-    for what, keys in (("is missing", missing), ("has unexpected", unexpected)):
-        if keys:
-            more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
-            raise CheckpointError(f"{source} {what} tensor(s) {keys[:5]}{more}; it was written for another avatar "
-                                  "config or is damaged: save or export it again with this engine")
-    for key, ref in expected.items():
-        if tuple(got[key].shape) != tuple(ref.shape):
-            raise CheckpointError(f"{source}: tensor {key} has shape {tuple(got[key].shape)}, expected "
-                                  f"{tuple(ref.shape)}; the checkpoint does not match the avatar config")
 
 
 def _count(module: nn.Module | None) -> int:

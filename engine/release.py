@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from .conditioning import RELEASE_PLANE_NAMES, texture_from_release_row
 from .config import AvatarConfig, UNetConfig, from_preset
 from .errors import BackendError, CheckpointError, ConfigError, InputError
+from .files import check_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +92,6 @@ def from_release(cls, run_dir, sd_dir, person=0, preset="sd21"):
         targets[key] = textures.planes[i]
     if textures.ambient is not None:
         targets[RELEASE_AMBIENT_KEY] = textures.ambient
-
-    from .model import check_state_dict
 
     tables = (*RELEASE_PLANE_KEYS, RELEASE_AMBIENT_KEY)
     check_state_dict({k: v for k, v in targets.items() if k not in tables},
