@@ -128,17 +128,17 @@ def parse_message(data: str | bytes, spec: StreamSpec) -> Request:
         return _request(header, spec, payload)
     if not isinstance(data, str):
         raise ProtocolError(f"a message must be text (JSON) or binary, got {type(data).__name__}")
-    if len(data) > spec.max_message_bytes or (4 * len(data) > spec.max_message_bytes
-                                              and len(data.encode()) > spec.max_message_bytes):
-        _check_size(len(data.encode()), spec)
+    if 4 * len(data) > spec.max_message_bytes:  # a character is at most 4 bytes of UTF-8
+        # "surrogatepass": a str handed over in Python may hold lone surrogates, which no UTF-8 frame can carry
+        _check_size(len(data.encode("utf-8", "surrogatepass")), spec)
     return _request(_json_object(data, "message"), spec, None)
 
 
 def _request(message: dict, spec: StreamSpec, jpeg: bytes | None) -> Request:
     request_id = _safe_id(message.get("id"))
     kind = message.get("type")
-    if kind not in _FIELDS:
-        raise ProtocolError(f"unknown message type {kind!r}; send one of {sorted(_FIELDS)} (see "
+    if not isinstance(kind, str) or kind not in _FIELDS:
+        raise ProtocolError(f"unknown message type {_short(kind)}; send one of {sorted(_FIELDS)} (see "
                             "engine/live/protocol.py)", request_id)
     unknown = sorted(set(message) - _FIELDS[kind])
     if unknown:
@@ -151,7 +151,7 @@ def _request(message: dict, spec: StreamSpec, jpeg: bytes | None) -> Request:
         steps = _steps(message.get("steps", spec.steps), spec)
         backend = message.get("backend", spec.backend)
         if backend not in spec.backends:
-            raise ProtocolError(f"backend {backend!r} is not served here; choose one of {list(spec.backends)}")
+            raise ProtocolError(f"backend {_short(backend)} is not served here; choose one of {list(spec.backends)}")
         if kind == "render":
             if "code" not in message:
                 raise ProtocolError(f"a render message needs \"code\": a list of {spec.expression_dim} numbers"
@@ -190,9 +190,8 @@ def parse_code(value, spec: StreamSpec) -> np.ndarray:
                             f"{' or an object keyed by expression name' if names else ''}, got "
                             f"{_describe(value)}")
     for i, v in enumerate(value):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                or abs(v) > MAX_CODE_VALUE:
-            raise ProtocolError(f"code[{i}] = {v!r}: each code value must be a finite number in "
+        if not _is_number(v, -MAX_CODE_VALUE, MAX_CODE_VALUE):
+            raise ProtocolError(f"code[{i}] = {_short(v)}: each code value must be a finite number in "
                                 f"[-{MAX_CODE_VALUE:g}, {MAX_CODE_VALUE:g}]")
     return np.asarray(value, dtype=np.float32)
 
@@ -209,9 +208,12 @@ def parse_camera(value, image_size: int) -> Camera:
         if unknown or missing:
             raise ProtocolError(f"a full camera holds exactly {list(CAMERA_KEYS)} (missing {missing}, unknown "
                                 f"{unknown}); or send an orbit {{yaw, pitch, distance, fov}}")
+        for key in CAMERA_KEYS[2:]:
+            if not _is_number(value[key]):
+                raise ProtocolError(f"invalid camera: {key} = {_short(value[key])}: must be a finite number")
         try:
             camera = Camera.from_dict(value)
-        except (AvatarError, TypeError, ValueError) as e:
+        except (AvatarError, TypeError, ValueError, OverflowError) as e:
             raise ProtocolError(f"invalid camera: {e}") from None
         if (camera.width, camera.height) != (image_size, image_size):
             camera = camera.scaled(image_size, image_size)
@@ -224,8 +226,8 @@ def parse_camera(value, image_size: int) -> Camera:
     for key, default in ORBIT_DEFAULTS.items():
         v = value.get(key, default)
         lo, hi = ORBIT_RANGES[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
-            raise ProtocolError(f"camera {key} = {v!r}: must be a number in [{lo:g}, {hi:g}]")
+        if not _is_number(v, lo, hi):
+            raise ProtocolError(f"camera {key} = {_short(v)}: must be a number in [{lo:g}, {hi:g}]")
         orbit[key] = float(v)
     return orbit_camera(orbit["yaw"], orbit["pitch"], size=image_size, distance=orbit["distance"],
                         fov_deg=orbit["fov"])
@@ -237,9 +239,26 @@ def camera_key(camera: Camera) -> tuple:
             camera.cy, camera.width, camera.height)
 
 
+def _is_number(v, lo: float = -math.inf, hi: float = math.inf) -> bool:
+    """`v` is a JSON number (not a bool), finite as a float (no integer beyond a float's range) and in [lo, hi]."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        v = float(v)
+    except OverflowError:
+        return False
+    return math.isfinite(v) and lo <= v <= hi
+
+
+def _short(value) -> str:
+    """repr(value), cut to 40 characters: error messages quote what was sent, not all of it."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _steps(value, spec: StreamSpec) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= spec.max_steps:
-        raise ProtocolError(f"\"steps\" = {value!r}: must be an integer in 1..{spec.max_steps}")
+        raise ProtocolError(f"\"steps\" = {_short(value)}: must be an integer in 1..{spec.max_steps}")
     return value
 
 
