@@ -111,6 +111,44 @@ def test_overfits_one_fixed_batch(data):
     assert losses[-1] < 0.5 * losses[0], losses[::10]
 
 
+def test_target_is_diffusers_velocity(data, monkeypatch):
+    """The diffusion loss's noisy latent and target are diffusers' `DDPMScheduler.add_noise` and `get_velocity`
+    (the scheduler configured as the avatar's schedule), at the zero-SNR end and the clean end of the schedule too:
+    a model that predicts diffusers' velocity has zero loss, and one that predicts its negative 4 x mean(v^2)."""
+    from diffusers import DDPMScheduler
+
+    dataset = AvatarDataset(data, "train")
+    batch = collate([dataset[i] for i in range(4)])
+    avatar = _avatar()
+    s = avatar.config.schedule
+    scheduler = DDPMScheduler(num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start,
+                              beta_end=s.beta_end, beta_schedule=s.beta_schedule, prediction_type=s.prediction_type,
+                              rescale_betas_zero_snr=s.rescale_betas_zero_snr, timestep_spacing=s.timestep_spacing)
+    raster = rasterize_batch(batch["mesh"], batch["camera"], avatar.config, "cpu")
+    draws = draw(torch.Generator().manual_seed(0), 4, avatar.config)
+    draws = dataclasses.replace(draws, timesteps=torch.tensor([999, 0, 500, 137]))
+    with torch.no_grad():  # x0 as the module documents it: a posterior sample, scaled
+        posterior = avatar.vae.encode(batch["image"]).latent_dist
+        x0 = (posterior.mean + posterior.std * draws.posterior) * avatar.config.vae.scaling_factor
+    velocity = scheduler.get_velocity(x0, draws.noise, draws.timesteps)
+    assert velocity.abs().mean() > 0.1
+    seen = {}
+
+    def predict(noisy, t, condition, tokens, sign):
+        seen["noisy"], seen["t"] = noisy, t
+        return sign * velocity
+
+    module = TrainingModule(avatar)
+    for sign, want in ((1.0, 0.0), (-1.0, 4 * velocity.pow(2).mean().item())):
+        monkeypatch.setattr(avatar, "predict", lambda *a, sign=sign: predict(*a, sign))
+        with torch.no_grad():
+            loss = module(batch["image"], raster, batch["expression"], draws).item()
+        assert loss == pytest.approx(want, abs=1e-6 * (1 + want))
+        assert torch.equal(seen["t"], draws.timesteps)
+        torch.testing.assert_close(seen["noisy"], scheduler.add_noise(x0, draws.noise, draws.timesteps),
+                                   rtol=0, atol=1e-5)
+
+
 def test_stage_one_vae_is_used_deterministically(data):
     """A VAE trained in stage 1 decodes and diffuses its posterior means (the posterior noise changes nothing);
     the release recipe's pretrained VAE is sampled as diffusers' SD training does."""
