@@ -1,4 +1,5 @@
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -13,12 +14,20 @@ from engine.errors import BackendError, CheckpointError, ConfigError
 from engine.evaluation import evaluate
 from engine.evaluation.cli import add_arguments, format_table, run
 from engine.evaluation.held_out import held_out_cameras, turn_camera
-from engine.evaluation.scores import LPIPS, autoencoder_images, frame_scores
+from engine.evaluation.scores import (
+    LPIPS,
+    autoencoder_images,
+    expression_gain,
+    expressive_half,
+    flicker_scores,
+    frame_scores,
+    weights_sha256,
+)
 from engine.model import Avatar
 from test_training import tiny_config, write_dataset
 
 KEYS = {"avatar", "data", "frames", "sampler", "steps", "psnr", "psnr_mask", "ssim", "autoencoder", "flicker",
-        "neutral", "per_frame"}
+        "neutral", "per_frame", "weights"}
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +48,49 @@ def test_frame_scores_and_mask():
     scores = frame_scores(pred.clamp(0, 1), target, mask)
     assert math.isinf(scores[0]["psnr_mask"]) and math.isfinite(scores[0]["psnr"])
     assert math.isnan(scores[1]["psnr_mask"])  # empty mask
+
+
+def test_expression_gain_of_known_errors():
+    """Frames whose in-mask error is a constant d have head-mask PSNR -20 log10(d) exactly (whatever lies outside
+    the mask): true-code errors 0.01 and 0.02 on the two most expressive of four frames against neutral-code errors
+    0.1 and 0.2 give a gain of 20 dB; the two less expressive frames (large errors) are not counted."""
+    g = torch.Generator().manual_seed(0)
+    truth = torch.rand(4, 3, 16, 16, generator=g, dtype=torch.float64) * 0.2 + 0.3
+    mask = torch.zeros(4, 1, 16, 16, dtype=torch.float64)
+    for i in range(4):
+        mask[i, :, 2 + i:10 + i, 3:12 - i] = 1
+    codes = torch.tensor([[0.1, 0.0], [0.0, 3.0], [0.5, 0.0], [-2.0, 0.0]])  # norms 0.1, 3, 0.5, 2
+
+    def with_error(frames, inside, outside):
+        m = mask[frames]
+        return truth[frames] + torch.tensor(inside, dtype=torch.float64).view(-1, 1, 1, 1) * m + outside * (1 - m)
+
+    assert expressive_half(codes) == [1, 3] and expressive_half(codes[:1]) == [0]
+    pred = with_error([0, 1, 2, 3], [0.4, 0.01, 0.3, 0.02], 0.3)
+    neutral = with_error([1, 3], [0.1, 0.2], 0.05)
+    scores = frame_scores(pred, truth, mask)
+    assert [s["psnr_mask"] for s in scores] == pytest.approx([-20 * math.log10(d) for d in (0.4, 0.01, 0.3, 0.02)])
+    gain = expression_gain(scores, frame_scores(neutral, truth[[1, 3]], mask[[1, 3]]), [1, 3])
+    assert gain["frames"] == [1, 3]
+    assert gain["psnr_mask"] == pytest.approx(40 - 10 * math.log10(2), abs=1e-9)
+    assert gain["psnr_mask_neutral"] == pytest.approx(20 - 10 * math.log10(2), abs=1e-9)
+    assert gain["gain"] == pytest.approx(20.0, abs=1e-9)
+
+
+def test_flicker_of_known_frame_differences():
+    """Frames base + c_k * (+-1 per pixel): consecutive frames differ by |c_k+1 - c_k| at every pixel, so the
+    flicker is the mean of those steps; the ratio is the prediction's over the truth's (None for a still truth)."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.rand(1, 3, 8, 8, generator=g) * 0.4 + 0.3
+    sign = torch.randint(0, 2, (1, 3, 8, 8), generator=g) * 2.0 - 1
+    pred = base + torch.tensor([0.0, 0.1, -0.05, 0.25]).view(-1, 1, 1, 1) * sign  # steps 0.1, 0.15, 0.3
+    truth = base + torch.tensor([0.0, 0.03, 0.0, 0.03]).view(-1, 1, 1, 1) * sign  # steps 0.03 each
+    result = flicker_scores(pred, truth)
+    assert result["frames"] == 4
+    assert result["prediction"] == pytest.approx(0.55 / 3, rel=1e-6)
+    assert result["ground_truth"] == pytest.approx(0.03, rel=1e-5)
+    assert result["ratio"] == pytest.approx(0.55 / 3 / 0.03, rel=1e-5)
+    assert flicker_scores(pred, base.expand(4, -1, -1, -1))["ratio"] is None
 
 
 def test_autoencoder_images_round_trip_the_vae():
@@ -130,6 +182,7 @@ def test_evaluate_regenerates_synthetic_frames(tmp_path):
     assert KEYS <= set(result) and len(result["per_frame"]) == 3
     assert result["flicker"]["frames"] == 3 and result["flicker"]["ground_truth"] > 0
     assert result["neutral"]["neutral_mesh"] is True and len(result["neutral"]["frames"]) == 1
+    assert result["weights"]["of"] == "state dict" and len(result["weights"]["sha256"]) == 64
     assert set(result["autoencoder"]) == {"psnr", "psnr_mask", "ssim"} and 0 < result["autoencoder"]["psnr"] < 60
     assert all(0 < f["psnr"] < 60 and -1 <= f["ssim"] <= 1 for f in result["per_frame"])
     assert json.loads((tmp_path / "metrics.json").read_text())["psnr"] == result["psnr"]
@@ -190,8 +243,31 @@ def test_cli_prints_json_and_table(data, tmp_path, capsys):
     run(p.parse_args(["--avatar", str(folder), "--data", str(data), "--frames", "2", "--steps", "1", "--json"]))
     result = json.loads(capsys.readouterr().out)
     assert {"psnr", "ssim", "psnr_mask"} <= set(result)
+    # the scored weights: the folder's model.safetensors, as sha256sum hashes it
+    weights = folder / "model.safetensors"
+    assert result["weights"] == {"sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), "of": str(weights)}
     table = format_table({**result, "psnr_mask": None})
     assert "PSNR (head mask)" in table and "n/a" in table and "SSIM" in table and "flicker" in table
+    assert result["weights"]["sha256"] in table
+
+
+def test_state_dict_digest_follows_its_documented_recipe():
+    """Without a weights file the digest is sha256 over (name NUL dtype shape NUL bytes) in sorted name order."""
+    import struct
+
+    class Weights(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b = torch.nn.Parameter(torch.tensor([1.5, -2.0]))
+            self.a = torch.nn.Parameter(torch.tensor([[0.25]], dtype=torch.float64))
+
+    want = hashlib.sha256(b"a\0torch.float64(1, 1)\0" + struct.pack("<d", 0.25)
+                          + b"b\0torch.float32(2,)\0" + struct.pack("<2f", 1.5, -2.0)).hexdigest()
+    module = Weights()
+    assert weights_sha256(module) == {"sha256": want, "of": "state dict"}
+    with torch.no_grad():
+        module.b[1] = -2.0000002
+    assert weights_sha256(module)["sha256"] != want
 
 
 def test_synthetic_data_trains_an_avatar_that_evaluates_by_name(tmp_path, capsys):

@@ -13,6 +13,8 @@ ceiling (the same scores of decode(encode(ground truth)) by the avatar's VAE: no
 VAE keeps); the neutral-code comparison (head-mask PSNR of the more expressive half of the frames rendered with
 their true code minus the same frames rendered with the neutral code: how much the expression code is honoured);
 LPIPS with `lpips_weights`. With `out`, also `metrics.json` and `grid.png` (prediction | ground truth | error).
+"weights" records which weights were scored (`scores.weights_sha256`): the sha256 of `weights_file` (the avatar
+folder's `model.safetensors`, as `sha256sum` prints it) when given, else of the state dict.
 """
 
 from __future__ import annotations
@@ -25,13 +27,27 @@ import torch
 from ..errors import ConfigError, InputError
 from ..files import write_atomic
 from .held_out import HeldOutFrame, check_versions, dataset_frames, synthetic_frames
-from .scores import LPIPS, autoencoder_images, flicker, frame_scores, json_safe, mean_score, save_grid, to_unit
+from .scores import (
+    LPIPS,
+    autoencoder_images,
+    expression_gain,
+    expressive_half,
+    flicker_scores,
+    frame_scores,
+    json_safe,
+    mean_score,
+    save_grid,
+    to_unit,
+    weights_sha256,
+)
 
 
 def evaluate(avatar, data: str | Path | None = None, frames: int = 16, sampler: str = "ddpm", steps: int = 20,
              seed: int | None = None, out: str | Path | None = None, device: str = "cpu",
-             lpips_weights: str | Path | None = None, batch_size: int = 4) -> dict:
-    """Score `avatar` on held-out frames (see the module docstring); returns the JSON-safe result."""
+             lpips_weights: str | Path | None = None, batch_size: int = 4,
+             weights_file: str | Path | None = None) -> dict:
+    """Score `avatar` on held-out frames (see the module docstring); returns the JSON-safe result. `weights_file`:
+    the `model.safetensors` `avatar` was loaded from, whose sha256 the result records (else the state dict's)."""
     from ..heads import StaticHead
     from ..renderer import Renderer
 
@@ -78,28 +94,20 @@ def evaluate(avatar, data: str | Path | None = None, frames: int = 16, sampler: 
             s["lpips"] = v
     per_frame = [{**f.label, **s} for f, s in zip(held, scores)]
     result = {"avatar": config.name, "data": str(data) if data is not None else "synthetic (regenerated)",
-              "frames": len(held), "sampler": sampler, "steps": steps}
+              "frames": len(held), "sampler": sampler, "steps": steps, "weights": weights_sha256(avatar, weights_file)}
     for key in scores[0]:
         result[key] = mean_score(s[key] for s in scores)
     ceiling = frame_scores(autoencoder_images(avatar.vae, truth, batch_size), truth, mask)
     result["autoencoder"] = {key: mean_score(s[key] for s in ceiling) for key in ceiling[0]}
-    seq_pred = render(sequence)
-    seq_truth = torch.stack([f.image for f in sequence])
-    moving, steady = flicker(seq_pred), flicker(seq_truth)
-    result["flicker"] = {"prediction": moving, "ground_truth": steady, "ratio": moving / steady if steady else None,
-                         "frames": len(sequence)}
+    result["flicker"] = flicker_scores(render(sequence), torch.stack([f.image for f in sequence]))
     # the neutral code on the more expressive half: how much of the in-mask quality the code itself buys
-    norms = torch.stack([f.code.float().norm() for f in held])
-    expressive = norms.argsort(descending=True)[: max(1, len(held) // 2)].tolist()
+    expressive = expressive_half(torch.stack([f.code for f in held]))
     subset = [held[i] for i in expressive]
     neutral = torch.zeros(len(subset), config.expression_dim)
     posing = head is not None and not isinstance(head, StaticHead)
     meshes = [head.posed_mesh(c) for c in neutral] if posing else None
     neutral_scores = frame_scores(render(subset, neutral, meshes), truth[expressive], mask[expressive])
-    true_inside = mean_score(scores[i]["psnr_mask"] for i in expressive)
-    neutral_inside = mean_score(s["psnr_mask"] for s in neutral_scores)
-    result["neutral"] = {"frames": expressive, "psnr_mask": true_inside, "psnr_mask_neutral": neutral_inside,
-                         "gain": true_inside - neutral_inside, "neutral_mesh": posing}
+    result["neutral"] = {**expression_gain(scores, neutral_scores, expressive), "neutral_mesh": posing}
     result["per_frame"] = per_frame
     result = json_safe(result)
     if out is not None:

@@ -28,12 +28,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """`avatar eval`: evaluate and print JSON or a table."""
-    from ..avatars import load_avatar
+    from ..avatars import load_avatar, resolve_avatar
+    from ..model import WEIGHTS_FILE
 
     avatar = load_avatar(args.avatar, device=args.device)
+    folder = resolve_avatar(args.avatar).folder  # None for a preset: the state dict is hashed instead
     result = evaluate(avatar, data=args.data, frames=args.frames, sampler=args.sampler, steps=args.steps,
                       seed=args.seed, out=args.out, device=args.device, lpips_weights=args.lpips_weights,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, weights_file=folder / WEIGHTS_FILE if folder else None)
     print(json.dumps(result, indent=1) if args.json else format_table(result))
 
 
@@ -52,6 +54,9 @@ def format_table(result: dict) -> str:
                  f"  ratio {_num(f['ratio'], 0, 2)}")
     lines.append(f"  {'code gain (head mask)':<22} {_num(n['gain'], 8, 3)} dB  ({_num(n['psnr_mask'], 0, 2)} true vs "
                  f"{_num(n['psnr_mask_neutral'], 0, 2)} neutral code)")
+    if result.get("weights"):
+        w = result["weights"]
+        lines.append(f"  weights sha256 {w['sha256']} ({w['of']})")
     if "grid" in result:
         lines.append(f"  grid: {result['grid']}")
     return "\n".join(lines)

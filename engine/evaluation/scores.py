@@ -5,6 +5,7 @@ the JSON-safe means `evaluate` reports. The training loop's validation scores it
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from pathlib import Path
@@ -74,6 +75,53 @@ def save_grid(path: str | Path, pred: torch.Tensor, target: torch.Tensor) -> Pat
 def flicker(frames: torch.Tensor) -> float:
     """Mean absolute difference of consecutive frames `[F, 3, H, W]` in [0, 1] (F >= 2)."""
     return float((frames[1:] - frames[:-1]).abs().mean())
+
+
+def flicker_scores(prediction: torch.Tensor, truth: torch.Tensor) -> dict:
+    """The flicker of a rendered sequence `[F, 3, H, W]` against its ground truth's: {"prediction", "ground_truth",
+    "ratio" (prediction / ground truth; 1 is as steady as the truth, None for a still truth), "frames"}."""
+    moving, steady = flicker(prediction), flicker(truth)
+    return {"prediction": moving, "ground_truth": steady, "ratio": moving / steady if steady else None,
+            "frames": len(prediction)}
+
+
+def expressive_half(codes: torch.Tensor) -> list[int]:
+    """The indices of the more expressive half (at least one) of frames with codes `[N, E]`: the largest code norms,
+    largest first."""
+    norms = codes.float().norm(dim=1)
+    return norms.argsort(descending=True, stable=True)[: max(1, len(codes) // 2)].tolist()
+
+
+def expression_gain(scores: list[dict], neutral_scores: list[dict], frames: list[int]) -> dict:
+    """How much the code itself buys in the head mask: the mean `psnr_mask` of `frames` (indices into `scores`, the
+    frames rendered with their true code) minus the mean of `neutral_scores` (the same frames, in that order, rendered
+    with the neutral code), in dB."""
+    true_inside = mean_score(scores[i]["psnr_mask"] for i in frames)
+    neutral_inside = mean_score(s["psnr_mask"] for s in neutral_scores)
+    return {"frames": frames, "psnr_mask": true_inside, "psnr_mask_neutral": neutral_inside,
+            "gain": true_inside - neutral_inside}
+
+
+def weights_sha256(avatar, weights_file: str | Path | None = None) -> dict:
+    """Which weights were scored: {"sha256": hex digest, "of": what was hashed}.
+
+    With `weights_file` (an avatar folder's `model.safetensors`, which `avatar eval` passes for a folder or shipped
+    avatar) the digest is the file's, the same as `sha256sum model.safetensors`, and "of" is its path. Otherwise (a
+    preset, an avatar built in Python) it is the digest of the state dict, "of" is "state dict": for every tensor of
+    `avatar.state_dict()` in sorted name order, the UTF-8 name, a NUL byte, the dtype and shape as text (e.g.
+    "torch.float32(3, 4)"), a NUL byte, then the tensor's bytes (contiguous, CPU, native byte order)."""
+    digest = hashlib.sha256()
+    if weights_file is not None:
+        with open(weights_file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return {"sha256": digest.hexdigest(), "of": str(weights_file)}
+    state = avatar.state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {"sha256": digest.hexdigest(), "of": "state dict"}
 
 
 def json_safe(value):
