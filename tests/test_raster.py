@@ -273,13 +273,6 @@ def test_identical_inputs_give_bit_identical_buffers():
         assert torch.equal(getattr(a, k), getattr(b, k)), k
 
 
-def test_timing_sanity_20k_triangles_at_256():
-    head = builtin_head_mesh(5)  # 20,480 triangles
-    assert head.num_faces == 20480
-    rb = rasterize(head, Camera.look_at(width=256, height=256))
-    assert rb.mask.sum() > 5000
-
-
 def test_raster_buffers_cat_and_to():
     head = builtin_head_mesh(2)
     a = rasterize(head, Camera.look_at(width=32, height=24))
