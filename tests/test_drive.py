@@ -1,5 +1,5 @@
 """`avatar drive` and `avatar fit-driver` (`engine.live.drive`, `engine.live.fit`; `engine.live.driver`,
-`engine.live.map_fitting`): tracked video -> avatar video.
+`engine.live.map_fitting`): tracked video -> avatar video; a synthetic-head jaw sweep drives the avatar's jaw.
 
 Needs the `live` extra (MediaPipe) and scikit-image (dev extra) for the astronaut photo."""
 
@@ -65,6 +65,54 @@ def test_drive_writes_a_side_by_side_video_and_counts_tracked_frames(video, tmp_
     assert len(frames) == 10
     assert frames[0].shape == (128, 256, 3)  # source resized to 128 x 128 | the tiny avatar's 128 x 128
     assert not list(tmp_path.glob(".out*"))  # no temp file left behind
+
+
+JAW = np.concatenate([np.linspace(0, 1, 7), np.linspace(1, 0, 7)[1:]])  # 0 -> 1 -> 0 in 13 frames
+
+
+@pytest.fixture(scope="module")
+def jaw_video(tmp_path_factory) -> Path:
+    """The synthetic head from the front at 256 px (MediaPipe's face mesh finds it), jawOpen swept by `JAW`, as an
+    H.264 mp4 (lossy, as a recorded video is)."""
+    import imageio.v2 as imageio
+
+    from engine.config import ARKIT8
+    from engine.data.synthetic import SyntheticHead, default_camera
+
+    head, camera = SyntheticHead(), default_camera(256)
+    path = tmp_path_factory.mktemp("jaw") / "jaw.mp4"
+    with imageio.get_writer(path, fps=12, codec="libx264", macro_block_size=1, ffmpeg_log_level="error") as w:
+        for jaw in JAW:
+            code = torch.zeros(len(ARKIT8))
+            code[ARKIT8.index("jawOpen")] = float(jaw)
+            rgb, _ = head.render(camera, code, supersample=1)
+            w.append_data((rgb.numpy() * 255).round().astype(np.uint8))
+    return path
+
+
+def test_drive_follows_a_jaw_sweep(jaw_video, tmp_path, monkeypatch, capsys):
+    """`avatar drive` on the jaw sweep: the jawOpen value of the code each frame hands the renderer rises and falls
+    with the video's (Spearman rank correlation >= 0.9; One Euro smoothing on, as by default)."""
+    from scipy.stats import spearmanr
+
+    from engine.live import drive
+    from engine.live.driver import Driver
+
+    codes = []
+    track = Driver.__call__
+
+    def recording(self, rgb, timestamp=None):
+        frame = track(self, rgb, timestamp)
+        codes.append(frame.expression.clone())
+        return frame
+
+    monkeypatch.setattr(Driver, "__call__", recording)
+    _run(drive, ["--avatar", "tiny", "--video", str(jaw_video), "--out", str(tmp_path / "out.mp4"), *FAST])
+    assert f"tracked {len(JAW)} of {len(JAW)} frames" in capsys.readouterr().out
+    jaw = np.array([float(c[0]) for c in codes])  # jawOpen is the tiny avatar's first code dimension
+    rho = spearmanr(JAW, jaw).statistic
+    assert rho >= 0.9, f"the avatar's jawOpen {jaw.round(2)} does not follow the video's {JAW.round(2)} ({rho:.3f})"
+    assert jaw[0] < 0.1 and jaw.max() > 0.5 and jaw[-1] < 0.3
 
 
 def test_frames_without_a_face_keep_the_last_code_and_are_counted():
