@@ -57,10 +57,12 @@ def test_finds_478_landmarks_in_the_astronaut(tracker, astronaut):
 
 
 @pytest.mark.parametrize("degrees", [10.0, -20.0])
-def test_roll_follows_an_in_plane_rotation(tracker, astronaut, degrees):
+def test_roll_follows_an_in_plane_rotation(tracker, astronaut, degrees, capsys):
     neutral = tracker.calibrate(astronaut)
     assert abs(neutral.pose.roll) < 1e-6 and np.allclose(neutral.vector, 0, atol=1e-5)
     result = tracker.track(_rotated(astronaut, degrees))
+    with capsys.disabled():
+        print(f"\n[tracker] astronaut rolled {degrees:+.0f} deg: tracked roll {result.pose.roll:+.2f} deg")
     # roll > 0 is counter-clockwise as displayed, the sign skimage.transform.rotate uses
     assert result.pose.roll == pytest.approx(degrees, abs=2.0)
     assert abs(result.pose.yaw) < 5 and abs(result.pose.pitch) < 5
@@ -114,9 +116,11 @@ def rig_sweeps(tracker):
 
 
 @pytest.mark.parametrize("name", ["jawOpen", "eyeBlinkLeft", "mouthSmileLeft"])
-def test_coefficients_follow_the_synthetic_rig(rig_sweeps, name):
+def test_coefficients_follow_the_synthetic_rig(rig_sweeps, name, capsys):
     tracked = rig_sweeps[name][:, COEFFICIENTS.index(name)]
     rho = spearmanr(np.linspace(0, 1, 8), tracked).statistic
+    with capsys.disabled():
+        print(f"\n[tracker] synthetic rig {name} 0 -> 1 in 8 steps: Spearman {rho:.3f}")
     assert rho >= 0.9, f"{name}: tracked {tracked.round(2)}, Spearman {rho:.3f}"
     assert tracked[-1] > 0.5
     # left is the subject's left, as in the rig: the other side's coefficient moves less
