@@ -19,6 +19,7 @@ from engine.geometry import Camera
 from engine.live.protocol import (
     CAMERA_KEYS,
     ORBIT_DEFAULTS,
+    ORBIT_RANGES,
     ProtocolError,
     Request,
     StreamSpec,
@@ -58,30 +59,34 @@ def _values(n):
 
 
 def _mostly(valid, weird):
-    """`valid` three times in four: a message must get past its other fields before a bad one is read."""
-    return st.one_of(valid, valid, valid, weird)
+    """`valid` four times in five: a message must get past its other fields before a bad one is read."""
+    return st.integers(0, 4).flatmap(lambda i: weird if i == 0 else valid)
 
 
 GOOD_NUMBER = st.floats(-10, 10)
 CODE = _mostly(st.lists(GOOD_NUMBER, min_size=4, max_size=4) | st.dictionaries(st.sampled_from(NAMES), GOOD_NUMBER),
                st.one_of(_values(4), _values(3), st.dictionaries(st.sampled_from(NAMES) | TEXT, NUMBERS | JSON,
                                                                  max_size=5), JSON))
-ORBIT = st.dictionaries(st.sampled_from(sorted(ORBIT_DEFAULTS)), _mostly(st.floats(0.3, 1.8), NUMBERS | JSON),
-                        max_size=4) | st.dictionaries(st.sampled_from(sorted(ORBIT_DEFAULTS)) | TEXT, JSON, max_size=5)
+ORBIT = _mostly(st.fixed_dictionaries({}, optional={k: _mostly(st.floats(*ORBIT_RANGES[k]), NUMBERS | JSON)
+                                                   for k in ORBIT_DEFAULTS}),
+                st.dictionaries(st.sampled_from(sorted(ORBIT_DEFAULTS)) | TEXT, NUMBERS | JSON, max_size=5))
 _VALID = Camera.look_at(eye=(0.1, 0.0, 0.9), width=64, height=64, fov_deg=16).to_dict()
-FULL_CAMERA = st.fixed_dictionaries(
-    {"R": _mostly(st.just(_VALID["R"]), st.lists(_values(3), min_size=2, max_size=4) | JSON),
-     "t": _mostly(st.just(_VALID["t"]), _values(3) | JSON)},
-    optional={k: _mostly(st.just(_VALID[k]), NUMBERS | JSON) for k in CAMERA_KEYS[2:]} | {"zoom": JSON},
-).map(lambda d: {**{k: _VALID[k] for k in CAMERA_KEYS[2:]}, **d} if len(d) < 4 else d)
+_FULL = {"R": _mostly(st.just(_VALID["R"]), st.lists(_values(3), min_size=2, max_size=4) | JSON),
+         "t": _mostly(st.just(_VALID["t"]), _values(3) | JSON)}
+_SCALARS = {k: _mostly(st.just(_VALID[k]), NUMBERS | JSON) for k in CAMERA_KEYS[2:]}
+FULL_CAMERA = _mostly(st.fixed_dictionaries({**_FULL, **_SCALARS}),  # every key, each mostly valid
+                      st.fixed_dictionaries(_FULL, optional={**_SCALARS, "zoom": JSON}))  # keys missing or extra
 CAMERA = _mostly(st.none() | ORBIT | FULL_CAMERA, JSON)
 JPEG = st.binary(max_size=16).map(lambda b: b"\xff\xd8" + b) | st.binary(max_size=16)
-MESSAGE = st.fixed_dictionaries(
-    {"type": _mostly(st.sampled_from(["render", "video_frame"]), JSON)},
-    optional={"id": JSON, "code": CODE, "camera": CAMERA, "steps": _mostly(st.integers(1, 3), NUMBERS | JSON),
-              "backend": _mostly(st.sampled_from(["reference", "compiled"]), st.just("magic") | JSON),
-              "jpeg": _mostly(st.builds(lambda b: base64.b64encode(b).decode(), JPEG), TEXT | JSON),
-              "extra": JSON},
+_COMMON = {"id": _mostly(st.integers(-5, 5) | TEXT, JSON), "camera": CAMERA,
+           "steps": _mostly(st.integers(1, 3), NUMBERS | JSON),
+           "backend": _mostly(st.sampled_from(["reference", "compiled"]), st.just("magic") | JSON)}
+_JPEG_TEXT = _mostly(st.builds(lambda b: base64.b64encode(b).decode(), JPEG), TEXT | JSON)
+MESSAGE = _mostly(
+    st.fixed_dictionaries({"type": st.just("render"), "code": CODE}, optional=_COMMON)
+    | st.fixed_dictionaries({"type": st.just("video_frame"), "jpeg": _JPEG_TEXT}, optional=_COMMON),
+    st.fixed_dictionaries({"type": st.sampled_from(["render", "video_frame"]) | JSON},
+                          optional={**_COMMON, "code": CODE, "jpeg": _JPEG_TEXT, "extra": JSON}),
 )
 
 
