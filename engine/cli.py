@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 
-from .command_options import AVATAR_HELP, add_render_options
+from .command_options import AVATAR_HELP, add_render_options, positive_int
 from .errors import AvatarError
 
 # Commands whose code lives in its own module (`add_arguments(parser)` + `run(args)`), imported only when chosen
@@ -37,7 +40,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--sequence", required=True, help="sequence file (JSON; `avatar orbit` writes one)")
     p.add_argument("--out", required=True, help="OUT.mp4 for a video, anything else is a folder of PNG frames")
     p.add_argument("--alpha", action="store_true", help="RGBA PNG frames with the head mask as alpha")
-    p.add_argument("--fps", type=int, default=24, help="video frame rate (default: 24)")
+    p.add_argument("--fps", type=positive_int, default=24, help="video frame rate (default: 24)")
     p.add_argument("--sheet", default=None, help="also write a PNG contact sheet of 16 evenly spaced frames")
     add_render_options(p)
 
@@ -47,7 +50,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("orbit", help="write a default sequence: camera orbit + expression sweep")
     p.add_argument("--avatar", required=True, help=AVATAR_HELP)
-    p.add_argument("--frames", type=int, default=48, help="number of frames (default: 48)")
+    p.add_argument("--frames", type=positive_int, default=48, help="number of frames (default: 48)")
     p.add_argument("--out", required=True, help="sequence file to write (JSON)")
     p.add_argument("--distance", type=float, default=1.0, help="camera distance in metres (default: 1.0)")
     p.add_argument("--yaw", type=float, default=30.0, help="orbit half-angle in degrees (default: 30)")
@@ -62,28 +65,35 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def cmd_render(args) -> None:
+    """Every input and output is checked before the first frame: the whole sequence against the avatar, the weights
+    (`Avatar.from_pretrained`), and that --out and --sheet can be written. The sheet is written before the video or
+    frame folder is renamed into place, so a failure leaves neither."""
     from tqdm import tqdm
 
-    from .avatars import load_avatar
+    from .avatars import load_avatar, resolve_avatar
+    from .files import check_writable
     from .renderer import Renderer
     from .sequence import read_sequence
     from .video import FrameWriter, contact_sheet, write_png
 
-    frames = read_sequence(args.sequence)
+    frames = read_sequence(args.sequence, resolve_avatar(args.avatar).config())
     picks = set(np.linspace(0, len(frames) - 1, min(16, len(frames))).round().astype(int).tolist())
     sheet = []
-    renderer = Renderer(load_avatar(args.avatar, device=args.device), device=args.device, sampler=args.sampler,
-                        steps=args.steps, seed=args.seed, dtype=args.dtype, raster_backend=args.raster,
-                        backend=args.backend)
+    if args.sheet:
+        check_writable(args.sheet, "the contact sheet")
     with FrameWriter(args.out, fps=args.fps, alpha=args.alpha) as writer:
+        renderer = Renderer(load_avatar(args.avatar, device=args.device), device=args.device, sampler=args.sampler,
+                            steps=args.steps, seed=args.seed, dtype=args.dtype, raster_backend=args.raster,
+                            backend=args.backend)
         for i, image in enumerate(tqdm(renderer.stream(frames, alpha=args.alpha), total=len(frames), desc="render",
                                        unit="frame")):
             writer.write(image)
             if i in picks:
                 sheet.append(image)
+        if args.sheet:
+            write_png(args.sheet, contact_sheet(sheet))
     print(f"wrote {len(frames)} frames to {Path(args.out).resolve()}")
     if args.sheet:
-        write_png(args.sheet, contact_sheet(sheet))
         print(f"contact sheet: {Path(args.sheet).resolve()}")
 
 
@@ -120,16 +130,44 @@ def cmd_orbit(args) -> None:
     print(f"wrote {len(frames)} frames to {path.resolve()}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every `with` block (temporary files and folders,
+    `engine.files.atomic_path`, `engine.video.FrameWriter`) cleans up on the way out."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit codes: 0 done; 2 a bad argument or input (`avatar <command>: error: ...`, nothing
+    written); 130 Ctrl-C (SIGINT) and 143 SIGTERM (`avatar <command>: interrupted (...)`, temporaries removed)."""
     args = build_parser(argv).parse_args(argv)
     try:
-        if args.command in COMMANDS:
-            importlib.import_module(COMMANDS[args.command][0]).run(args)
-        else:
-            {"render": cmd_render, "info": cmd_info, "orbit": cmd_orbit}[args.command](args)
+        with _sigterm_raises():
+            if args.command in COMMANDS:
+                importlib.import_module(COMMANDS[args.command][0]).run(args)
+            else:
+                {"render": cmd_render, "info": cmd_info, "orbit": cmd_orbit}[args.command](args)
     except AvatarError as e:
         print(f"avatar {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        print(f"avatar {args.command}: interrupted ({name})", file=sys.stderr)
+        return 128 + getattr(signal, name)
     return 0
 
 

@@ -7,13 +7,15 @@ Conventions (channel order, ranges, schedule) come from `shared/design/model.md`
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError, InputError
+from .schema import build_dataclass, check_positive, is_finite_number
 
 CONFIG_VERSION = 1
+# Sanity bounds of the values that size computations but no weights (a typo there must not allocate terabytes).
+MAX_IMAGE_SIZE, MAX_TIMESTEPS = 8192, 100_000
 
 # The 8 ARKit-named dimensions of the `tiny` preset and of the synthetic rig.
 ARKIT8 = (
@@ -43,6 +45,26 @@ class UNetConfig:
     use_linear_projection: bool = True
     upcast_attention: bool = True
 
+    def __post_init__(self):
+        check_positive("unet", block_out_channels=self.block_out_channels, attention_head_dim=self.attention_head_dim,
+                        layers_per_block=self.layers_per_block, cross_attention_dim=self.cross_attention_dim,
+                        norm_num_groups=self.norm_num_groups)
+        n = len(self.block_out_channels)
+        lists = {"down_block_types": self.down_block_types, "up_block_types": self.up_block_types,
+                 "attention_head_dim": self.attention_head_dim}
+        for name, values in lists.items():
+            if len(values) != n:
+                raise ConfigError(f"unet.{name} has {len(values)} entries for {n} blocks (give one per entry of "
+                                  "unet.block_out_channels)")
+        for name, values, known in (("down_block_types", self.down_block_types, DOWN_BLOCKS),
+                                    ("up_block_types", self.up_block_types, UP_BLOCKS)):
+            if any(v not in known for v in values):
+                raise ConfigError(f"unet.{name} {list(values)} names an unknown block (use {list(known)})")
+        _check_groups("unet", self.block_out_channels, self.norm_num_groups)
+        if any(c % h for c, h in zip(self.block_out_channels, self.attention_head_dim)):
+            raise ConfigError(f"unet.block_out_channels {list(self.block_out_channels)} must be multiples of the head "
+                              f"counts unet.attention_head_dim {list(self.attention_head_dim)}")
+
     def diffusers_kwargs(self, sample_size: int, latent_channels: int = 4) -> dict[str, Any]:
         return dict(
             sample_size=sample_size,
@@ -69,6 +91,13 @@ class VAEConfig:
     latent_channels: int = 4
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215
+
+    def __post_init__(self):
+        check_positive("vae", block_out_channels=self.block_out_channels, layers_per_block=self.layers_per_block,
+                        latent_channels=self.latent_channels, norm_num_groups=self.norm_num_groups)
+        _check_groups("vae", self.block_out_channels, self.norm_num_groups)
+        if not self.scaling_factor > 0:
+            raise ConfigError(f"vae.scaling_factor must be > 0, got {self.scaling_factor!r}")
 
     @property
     def downsample(self) -> int:
@@ -103,6 +132,13 @@ class ScheduleConfig:
     timestep_spacing: str = "trailing"
 
     def __post_init__(self):
+        check_positive("schedule", num_train_timesteps=self.num_train_timesteps)
+        if self.num_train_timesteps > MAX_TIMESTEPS:
+            raise ConfigError(f"schedule.num_train_timesteps {self.num_train_timesteps} is beyond {MAX_TIMESTEPS} "
+                              "(the release trains with 1000)")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ConfigError(f"need 0 < schedule.beta_start < schedule.beta_end < 1, got {self.beta_start!r} and "
+                              f"{self.beta_end!r} (the release: 0.00085 and 0.012)")
         if self.prediction_type not in ("v_prediction", "epsilon"):
             raise ConfigError(f"prediction_type {self.prediction_type!r} is unknown; use 'v_prediction' or 'epsilon'")
         if self.rescale_betas_zero_snr and self.prediction_type == "epsilon":
@@ -136,8 +172,8 @@ class ConditioningConfig:
     def __post_init__(self):
         if self.canonical_dims not in (3, 5):
             raise ConfigError(f"canonical_dims must be 3 or 5 (xyz, or xyz + 2 ambient), got {self.canonical_dims}")
-        if self.texture_resolution < 1 or self.texture_channels < 1:
-            raise ConfigError("texture_resolution and texture_channels must be positive")
+        check_positive("conditioning", texture_resolution=self.texture_resolution,
+                        texture_channels=self.texture_channels)
         if not 0 < self.znear < self.zfar:
             raise ConfigError(f"need 0 < znear < zfar, got znear={self.znear}, zfar={self.zfar}")
 
@@ -190,7 +226,7 @@ class TrainedOn:
     def __post_init__(self):
         for name in ("azimuth_deg", "elevation_deg", "distance", "code_min", "code_max"):
             values = getattr(self, name)
-            if not isinstance(values, (list, tuple)) or not all(_is_finite_number(v) for v in values):
+            if not isinstance(values, (list, tuple)) or not all(is_finite_number(v) for v in values):
                 raise ConfigError(f"trained_on.{name} must be a list of finite numbers, got {values!r}")
             object.__setattr__(self, name, tuple(float(v) for v in values))
         for name in ("azimuth_deg", "elevation_deg", "distance"):
@@ -226,10 +262,6 @@ class TrainedOn:
         return all(_inside(v, r, CODE_SLACK) for v, r in zip(values, zip(self.code_min, self.code_max)))
 
 
-def _is_finite_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _inside(value: float, bounds: tuple[float, float], slack: float) -> bool:
     return bounds[0] - slack <= value <= bounds[1] + slack
 
@@ -256,6 +288,14 @@ class AvatarConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
+        check_positive("", image_size=self.image_size, expression_dim=self.expression_dim,
+                        expression_tokens=self.expression_tokens, prompt_length=self.prompt_length,
+                        conditioning_embedding_channels=self.conditioning_embedding_channels)
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise ConfigError(f"image_size {self.image_size} is beyond {MAX_IMAGE_SIZE} pixels (sd21 renders 512)")
+        seed = self.noise_seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ConfigError(f"noise_seed must be an integer in [0, 2^63), got {seed!r} (the release's: 181998)")
         if self.image_size % self.vae.downsample:
             raise ConfigError(f"image_size {self.image_size} must be a multiple of the VAE's {self.vae.downsample}")
         if 2 ** (len(self.conditioning_embedding_channels) - 1) != self.vae.downsample:
@@ -268,8 +308,6 @@ class AvatarConfig:
             raise ConfigError(
                 f"expression_names has {len(self.expression_names)} names for a {self.expression_dim}-value code"
             )
-        if self.expression_dim < 1 or self.expression_tokens < 1:
-            raise ConfigError("expression_dim and expression_tokens must be positive")
         if self.trained_on is not None:
             if len(self.trained_on.code_min) != self.expression_dim:
                 raise ConfigError(f"trained_on records {len(self.trained_on.code_min)} code dimensions for a "
@@ -297,43 +335,31 @@ class AvatarConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AvatarConfig":
+        """The config of plain JSON values (`to_dict`'s); ConfigError naming the first field that is wrong."""
         if not isinstance(d, dict):
-            raise ConfigError("an avatar config must be a JSON object")
+            raise ConfigError(f"an avatar config must be a JSON object, got {type(d).__name__}")
         version = d.get("version", CONFIG_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ConfigError(f"avatar config version must be a positive integer, got {version!r} (this engine "
+                              f"writes {CONFIG_VERSION})")
         if version > CONFIG_VERSION:
             raise ConfigError(
                 f"avatar config version {version} is newer than this engine's ({CONFIG_VERSION}); upgrade the engine"
             )
-        return build_config(cls, d)
+        return build_dataclass(cls, d)
 
     def replace(self, **changes) -> "AvatarConfig":
         return dataclasses.replace(self, **changes)
 
 
-def build_config(cls, d: dict[str, Any]):
-    """Build a (nested) config dataclass from plain JSON values; unknown keys are an error."""
-    if not isinstance(d, dict):
-        raise ConfigError(f"{cls.__name__} must be a JSON object, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(d) - set(fields)
-    if unknown:
-        raise ConfigError(f"{cls.__name__} has no field(s) {sorted(unknown)}; remove them from the config")
-    kwargs = {}
-    for name, value in d.items():
-        if name in _NESTED and (value is not None or fields[name].default is not None):  # trained_on may be null
-            kwargs[name] = build_config(_NESTED[name], value)
-        elif isinstance(value, list):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"invalid {cls.__name__}: {e}") from e
+DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 
-_NESTED = {"unet": UNetConfig, "vae": VAEConfig, "schedule": ScheduleConfig, "conditioning": ConditioningConfig,
-           "trained_on": TrainedOn}
+def _check_groups(owner: str, channels: tuple[int, ...], groups: int) -> None:
+    if any(c % groups for c in channels):
+        raise ConfigError(f"{owner}.block_out_channels {list(channels)} must be multiples of {owner}.norm_num_groups "
+                          f"({groups}): group normalisation splits the channels into that many groups")
 
 
 def _tiny() -> AvatarConfig:

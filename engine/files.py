@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError, FormatError
+from .errors import CheckpointError, FormatError, InputError
 
 
 def _read_umask() -> int:
@@ -44,10 +44,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     shows what it belongs to. Missing parent folders are created.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = temp_beside(path, suffix)
     try:
         yield tmp
         os.chmod(tmp, FILE_MODE)
@@ -55,6 +52,56 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def temp_beside(path: Path, suffix: str = "", folder: bool = False) -> Path:
+    """Create an empty temporary file (or folder) `.<name>.XXXX<suffix>` beside `path`, and any missing parent
+    folders; InputError saying why (see `check_writable`) when it cannot be created there, or when a file is to
+    replace a folder."""
+    if not folder and os.path.isdir(path):
+        raise InputError(_unwritable(path, str(path), folder))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if folder:
+            return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix))
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    except (OSError, ValueError) as e:  # ValueError: a NUL character in the path
+        raise InputError(_unwritable(path, str(path), folder) or f"cannot write {path!r} ({e})") from e
+    os.close(fd)
+    return Path(name)
+
+
+def check_writable(path: str | os.PathLike, what: str, folder: bool = False) -> None:
+    """InputError unless `what` (e.g. "the video") can be written at `path`, as a file (folder=False) or a folder.
+
+    An existing file (folder: an existing folder) at `path` may be replaced. Nothing is left behind: a probe file
+    is created and removed, and missing parent folders are not created. Run it before long work whose result goes
+    to `path`."""
+    reason = _unwritable(Path(path), f"{what} {path}", folder)
+    if reason:
+        raise InputError(reason)
+
+
+def _unwritable(path: Path, name: str, folder: bool) -> str | None:
+    """Why `name` cannot be written at `path` (a message with its fix), or None if it can."""
+    if "\0" in str(path):
+        return f"cannot write {name!r}: a path cannot hold a NUL character (choose another path)"
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        return f"cannot write {name}: it is a file, not a folder (choose another path, or move the file away)"
+    if not folder and os.path.isdir(path):
+        return f"cannot write {name}: it is a folder (name a file, e.g. one inside it)"
+    base = path.absolute().parent
+    while not os.path.exists(base):
+        base = base.parent
+    if not os.path.isdir(base):
+        return f"cannot write {name}: {base} is a file, not a folder (choose a path outside it, or move the file away)"
+    try:
+        fd, probe = tempfile.mkstemp(dir=base, prefix=".write-check.")
+    except OSError as e:
+        return f"cannot write {name}: {base} is not writable: {e.strerror} (choose a writable folder)"
+    os.close(fd)
+    os.unlink(probe)
+    return None
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:

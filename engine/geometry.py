@@ -31,6 +31,7 @@ import torch
 
 from .errors import FormatError, InputError
 from .files import atomic_path, read_npz
+from .schema import is_finite_number
 
 MESH_FORMAT_VERSION = 1
 
@@ -39,13 +40,15 @@ _CV_TO_GL = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64)
 
 
 def _as_tensor(value: Any, name: str, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
-    """`value` (tensor, ndarray or nested list) as a tensor of `dtype`; keeps a tensor's device unless given one."""
+    """`value` (tensor, ndarray or nested list of real numbers) as a tensor of `dtype`; keeps a tensor's device
+    unless given one."""
     try:
-        if isinstance(value, torch.Tensor):
-            return value.to(dtype=dtype, device=device if device is not None else value.device)
-        return torch.as_tensor(np.asarray(value), dtype=dtype, device=device)
-    except (TypeError, ValueError, RuntimeError) as e:
+        t = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+        if not t.is_complex():
+            return t.to(dtype=dtype, device=device if device is not None else t.device)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
         raise InputError(f"{name} must be a tensor, array or list of numbers ({e})") from e
+    raise InputError(f"{name} must hold real numbers, got {t.dtype} values")
 
 
 def _check_finite(t: torch.Tensor, name: str, fix: str) -> None:
@@ -58,8 +61,8 @@ def _check_finite(t: torch.Tensor, name: str, fix: str) -> None:
 
 
 def _scalar(v: Any) -> Any:
-    """A one-element tensor or array as a Python number; anything else unchanged."""
-    return v.item() if isinstance(v, (torch.Tensor, np.ndarray)) and math.prod(v.shape) == 1 else v
+    """A one-element tensor or array, or a numpy scalar, as a Python number; anything else unchanged."""
+    return v.item() if isinstance(v, (torch.Tensor, np.ndarray, np.generic)) and math.prod(v.shape) == 1 else v
 
 
 def _check_clip_range(znear: float, zfar: float) -> None:
@@ -108,15 +111,14 @@ class Camera:
         values = {"R": R, "t": t}
         for name in ("fx", "fy", "cx", "cy"):
             v = _scalar(getattr(self, name))
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not math.isfinite(v):
+            if not is_finite_number(v):
                 raise InputError(f"Camera.{name} must be a finite number of pixels, got {v!r}")
             values[name] = float(v)
         if values["fx"] <= 0 or values["fy"] <= 0:
             raise InputError(f"Camera focal lengths must be > 0 pixels, got fx={values['fx']}, fy={values['fy']}")
         for name in ("width", "height"):
             v = _scalar(getattr(self, name))
-            ok = isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)
-            if not ok or not float(v).is_integer() or v <= 0:
+            if not is_finite_number(v) or not float(v).is_integer() or v <= 0:
                 raise InputError(f"Camera.{name} must be a positive integer number of pixels, got {v!r}")
             values[name] = int(v)
         for name, v in values.items():
@@ -178,7 +180,7 @@ class Camera:
         missing = [k for k in keys if k not in d]
         if missing:
             raise FormatError(f"camera is missing {missing}; a camera holds {list(keys)}")
-        unknown = sorted(set(d) - set(keys))
+        unknown = sorted(str(k) for k in set(d) - set(keys))
         if unknown:
             raise FormatError(f"camera has unknown key(s) {unknown}; a camera holds {list(keys)}")
         return cls(**{k: d[k] for k in keys})

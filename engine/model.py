@@ -20,7 +20,7 @@ from torch import nn
 
 from .conditioning import NeuralTextures
 from .config import AvatarConfig, from_preset
-from .errors import CheckpointError, ConfigError, InputError
+from .errors import BackendError, CheckpointError, ConfigError, InputError
 from .expression import TOKENS_KWARG, add_expression_attention, expression_attention_paths
 from .files import atomic_path, check_state_dict, write_atomic
 from .init import seeded_init, training_init
@@ -265,6 +265,7 @@ class Avatar(nn.Module):
         if not weights.is_file():
             raise CheckpointError(f"{weights} is missing; an avatar folder needs {CONFIG_FILE} and {WEIGHTS_FILE} "
                                   "(write one with Avatar.save_pretrained)")
+        _check_device(device)
         try:
             tensors = load_file(str(weights), device=str(device))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -272,8 +273,9 @@ class Avatar(nn.Module):
         with torch.device("meta"):
             avatar = cls(config, root=folder)
         check_state_dict(avatar.state_dict(), tensors, str(weights))
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-        avatar.load_state_dict(tensors, strict=True, assign=True)
+        cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        _check_finite_weights(tensors, cast, weights)
+        avatar.load_state_dict(cast, strict=True, assign=True)
         return avatar.eval()
 
     @classmethod
@@ -307,10 +309,39 @@ def read_config(folder: Path) -> AvatarConfig:
         raise CheckpointError(f"{path} is not an avatar config (its 'format' is not {FORMAT!r}); "
                               "pass a folder written by Avatar.save_pretrained")
     version = data.pop("format_version", None)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format_version {version!r}; this engine reads up to {FORMAT_VERSION}: "
-                              "upgrade the engine")
-    return AvatarConfig.from_dict(data)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format_version {version!r}; this engine reads 1 to {FORMAT_VERSION} "
+                              "(upgrade the engine, or save the avatar again)")
+    try:
+        return AvatarConfig.from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def _check_device(device: str | torch.device) -> None:
+    """ConfigError for a malformed device, BackendError for a CUDA device this machine lacks (rather than a
+    safetensors error that blames the file)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"unknown device {device!r} ({e}) (use 'cpu', 'cuda' or 'cuda:N')") from e
+    if device.type == "cuda" and (device.index or 0) >= (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        raise BackendError(f"device {str(device)!r} is not available here (load the avatar on 'cpu')")
+
+
+def _check_finite_weights(stored: dict[str, torch.Tensor], cast: dict[str, torch.Tensor], source: Path) -> None:
+    """CheckpointError naming the first tensor that holds NaN or Inf as loaded (`cast`): damaged weights (a training
+    run that diverged renders black frames), or finite `stored` ones beyond the range of the dtype cast to."""
+    for key, t in cast.items():
+        if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+            continue
+        n_nan, n_inf = int(torch.isnan(stored[key]).sum()), int(torch.isinf(stored[key]).sum())
+        if n_nan == n_inf == 0:
+            raise CheckpointError(f"{source}: tensor {key} reaches {float(stored[key].abs().max()):.4g}, beyond the "
+                                  f"range of {t.dtype} (load the avatar in float32 or bfloat16)")
+        raise CheckpointError(f"{source}: tensor {key} holds {n_nan} NaN and {n_inf} Inf values of {t.numel()} (the "
+                              "weights are damaged, e.g. by a training run that diverged: restore the avatar, or "
+                              "retrain from an earlier checkpoint)")
 
 
 def _count(module: nn.Module | None) -> int:

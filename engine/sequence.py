@@ -26,11 +26,12 @@ import numpy as np
 import torch
 
 from .config import AvatarConfig
-from .errors import FormatError
-from .files import write_atomic
+from .errors import FormatError, InputError
+from .files import check_writable, write_atomic
 from .frame import Frame
 from .geometry import Camera, Mesh
 from .orbit import DEFAULT_FOV_DEG, orbit_camera
+from .schema import is_finite_number
 
 FORMAT = "diffusion-avatars-sequence"
 VERSION = 1
@@ -39,7 +40,7 @@ VERSION = 1
 def write_sequence(path: str | Path, frames: list[Frame], expression_names=None) -> Path:
     """Write `frames` to `path` (JSON). In-memory meshes are saved beside it in `<stem>.meshes/`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(path, "the sequence")
     mesh_files: dict[int, str] = {}
     records = []
     for frame in frames:
@@ -61,40 +62,81 @@ def write_sequence(path: str | Path, frames: list[Frame], expression_names=None)
     return path
 
 
-def read_sequence(path: str | Path) -> list[Frame]:
-    """Read a sequence file -> frames. A malformed file raises FormatError naming the frame and field."""
+def read_sequence(path: str | Path, config: AvatarConfig | None = None) -> list[Frame]:
+    """Read a sequence file -> frames, every frame checked before any is returned: FormatError naming the file, the
+    frame and the field. With an avatar's `config`, each frame must also fit that avatar (code length, image size,
+    canonical coordinates), so a bad frame 47 of 48 is found before anything is rendered."""
     path = Path(path)
     if not path.is_file():
-        raise FormatError(f"sequence file {path} does not exist; write one with `avatar orbit --out {path}`")
+        raise FormatError(f"sequence file {path} does not exist (write one with `avatar orbit --out {path}`)")
     try:
         doc = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"sequence file {path} is not valid JSON ({e}); regenerate it") from e
+        raise FormatError(f"sequence file {path} is not valid JSON ({e}) (regenerate it)") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise FormatError(f"{path} is not a sequence file (expected \"format\": \"{FORMAT}\")")
-    if doc.get("version", 0) > VERSION:
-        raise FormatError(f"{path} has sequence version {doc['version']}; this engine reads up to {VERSION}")
+    version = doc.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise FormatError(f"{path}: \"version\" must be a positive integer, got {version!r:.40} (write "
+                          f"\"version\": {VERSION}, or regenerate the file with `avatar orbit`)")
+    if version > VERSION:
+        raise FormatError(f"{path} has sequence version {version}; this engine reads up to {VERSION} (upgrade the "
+                          "engine)")
+    names = doc.get("expression_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise FormatError(f"{path}: \"expression_names\" must be a list of strings or null, got {names!r:.80}")
     records = doc.get("frames")
     if not isinstance(records, list) or not records:
-        raise FormatError(f"{path} has no frames; a sequence needs a non-empty \"frames\" list")
+        raise FormatError(f"{path} has no frames (a sequence needs a non-empty \"frames\" list)")
     meshes: dict[str, Mesh] = {}
     frames = []
     for i, record in enumerate(records):
+        where = f"{path}: frame {i} of {len(records)}"
         try:
-            camera = Camera.from_dict(record["camera"])
-            expression = torch.tensor(record["expression"], dtype=torch.float32)
-        except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"{path}: frame {i} needs \"camera\" and a numeric \"expression\" list ({e})") from e
-        if expression.ndim != 1:
-            raise FormatError(f"{path}: frame {i}'s expression must be a flat list of numbers")
-        mesh = None
-        if record.get("mesh"):
-            name = record["mesh"]
-            if name not in meshes:
-                meshes[name] = Mesh.load(path.parent / name)
-            mesh = meshes[name]
-        frames.append(Frame(camera, expression, mesh))
+            frame = _read_frame(record, path.parent, meshes)
+            if config is not None:
+                _check_fits(frame, config)
+        except (FormatError, InputError) as e:
+            raise FormatError(f"{where}: {e}") from e
+        frames.append(frame)
     return frames
+
+
+def _read_frame(record, folder: Path, meshes: dict[str, Mesh]) -> Frame:
+    if not isinstance(record, dict) or "camera" not in record or "expression" not in record:
+        raise FormatError("a frame is an object with \"camera\" and \"expression\" (and optionally \"mesh\")")
+    camera = Camera.from_dict(record["camera"])
+    values = record["expression"]
+    if not isinstance(values, list) or not values or not all(is_finite_number(v) for v in values):
+        raise FormatError(f"\"expression\" must be a non-empty list of finite numbers, got {values!r:.80}")
+    expression = torch.tensor(values, dtype=torch.float32)
+    if not torch.isfinite(expression).all():
+        raise FormatError("\"expression\" holds a value beyond the float32 range (about 3.4e38)")
+    name = record.get("mesh")
+    if name is None:
+        return Frame(camera, expression)
+    if not isinstance(name, str) or not name:
+        raise FormatError(f"\"mesh\" must be the path of a .npz file relative to the sequence, got {name!r:.80}")
+    if name not in meshes:
+        meshes[name] = Mesh.load(folder / name)
+    return Frame(camera, expression, meshes[name])
+
+
+def _check_fits(frame: Frame, config: AvatarConfig) -> None:
+    """FormatError unless the avatar of `config` can render `frame`."""
+    e, size = config.expression_dim, config.image_size
+    if frame.expression.numel() != e:
+        names = f" ({', '.join(config.expression_names)})" if config.expression_names else ""
+        raise FormatError(f"the expression has {frame.expression.numel()} values, avatar {config.name!r} expects "
+                          f"{e}{names} (write the sequence for this avatar, e.g. with `avatar orbit`)")
+    camera = frame.camera
+    if (camera.width, camera.height) != (size, size):
+        raise FormatError(f"the camera renders {camera.width}x{camera.height}, avatar {config.name!r} {size}x{size} "
+                          "(scale the camera's intrinsics and size to it, e.g. Camera.scaled)")
+    dims = config.conditioning.canonical_dims
+    if frame.mesh is not None and frame.mesh.canonical_dims != dims:
+        raise FormatError(f"the mesh has {frame.mesh.canonical_dims} canonical values per vertex, avatar "
+                          f"{config.name!r} needs {dims}")
 
 
 def orbit(config: AvatarConfig, frames: int = 48, distance: float = 1.0, yaw_deg: float = 30.0,

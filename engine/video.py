@@ -3,16 +3,16 @@ the frame layouts written to them (contact sheet, side by side)."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from .errors import InputError
-from .files import FILE_MODE, atomic_path
+from .files import FILE_MODE, atomic_path, temp_beside
 
 
 class FrameWriter:
@@ -22,22 +22,25 @@ class FrameWriter:
     the target folder on success. On error nothing half-written is left behind.
     """
 
-    def __init__(self, path: str | Path, fps: int = 24, alpha: bool = False):
+    def __init__(self, path: str | Path, fps: float = 24, alpha: bool = False):
         self.path = Path(path)
         self.fps, self.alpha, self.count = fps, alpha, 0
         self.video = self.path.suffix.lower() == ".mp4"
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < math.inf:
+            raise InputError(f"the frame rate must be a positive number, got {fps!r} (e.g. 24)")
         if self.video and alpha:
-            raise InputError("mp4 has no alpha channel; write PNG frames (an --out folder) to keep alpha")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+            raise InputError("mp4 has no alpha channel (write PNG frames, an --out folder, to keep alpha)")
+        self._check_target()
+        self._tmp = temp_beside(self.path, ".mp4" if self.video else "", folder=not self.video)
         if self.video:
             import imageio.v2 as imageio
 
-            fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.stem}.", suffix=".mp4")
-            os.close(fd)
-            self._writer = imageio.get_writer(self._tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
-                                              ffmpeg_log_level="error")
-        else:
-            self._tmp = tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+            try:
+                self._writer = imageio.get_writer(self._tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                                                  ffmpeg_log_level="error")
+            except BaseException:
+                self._tmp.unlink()
+                raise
 
     def write(self, image: np.ndarray) -> None:
         """Append one frame [H, W, 3] (or [H, W, 4] with alpha) uint8."""
@@ -53,22 +56,35 @@ class FrameWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.video:
-            self._writer.close()
         try:
+            if self.video:
+                self._close_video(failing=exc_type is not None)
             if exc_type is None:
                 self._commit()
         finally:
-            if Path(self._tmp).is_dir():
+            if self._tmp.is_dir():
                 shutil.rmtree(self._tmp, ignore_errors=True)
             else:
-                Path(self._tmp).unlink(missing_ok=True)
+                self._tmp.unlink(missing_ok=True)
+
+    def _close_video(self, failing: bool) -> None:
+        """Finish the ffmpeg process; when the frames are being abandoned anyway, its errors (e.g. a broken pipe to an
+        ffmpeg that died) must not replace the error or interrupt that abandons them."""
+        try:
+            self._writer.close()
+        except Exception:
+            if not failing:
+                raise
+
+    def _check_target(self) -> None:
+        """A folder of earlier PNG frames may be replaced; anything else at the path is the user's and stays."""
+        if not self.video and self.path.exists() and not (
+                self.path.is_dir() and all(p.suffix == ".png" for p in self.path.iterdir())):
+            raise InputError(f"{self.path} exists and is not a folder of PNG frames (choose a new --out path)")
 
     def _commit(self) -> None:
         if not self.video and self.path.exists():
-            # a folder of earlier PNG frames may be replaced; anything else is the user's and stays
-            if not (self.path.is_dir() and all(p.suffix == ".png" for p in self.path.iterdir())):
-                raise InputError(f"--out {self.path} exists and is not a folder of PNG frames; choose a new path")
+            self._check_target()
             shutil.rmtree(self.path)
         os.chmod(self._tmp, FILE_MODE | (0o111 if not self.video else 0))  # mkstemp/mkdtemp make them private
         os.replace(self._tmp, self.path)

@@ -3,7 +3,8 @@ import stat
 
 import pytest
 
-from engine.files import atomic_path, write_atomic
+from engine.errors import InputError
+from engine.files import atomic_path, check_writable, write_atomic
 
 
 def _umask() -> int:
@@ -70,3 +71,27 @@ def test_error_on_a_new_path_leaves_nothing(tmp_path):
         with atomic_path(path):
             raise ValueError("bad data")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_path_below_a_file_or_onto_a_folder_is_an_input_error(tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(InputError, match=rf"cannot write {tmp_path}/afile/x/out.txt: {tmp_path}/afile is a file, "
+                                         r"not a folder \(choose a path outside it, or move the file away\)"):
+        write_atomic(tmp_path / "afile" / "x" / "out.txt", "data")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(InputError, match=r"folder: it is a folder \(name a file, e.g. one inside it\)"):
+        write_atomic(tmp_path / "folder", "data")
+    with pytest.raises(InputError, match="a path cannot hold a NUL character"):
+        write_atomic(tmp_path / "a\0b", "data")
+    assert sorted(os.listdir(tmp_path)) == ["afile", "folder"] and not os.listdir(tmp_path / "folder")
+
+
+def test_check_writable_creates_nothing(tmp_path):
+    check_writable(tmp_path / "new" / "sub" / "out.mp4", "the video")  # missing folders are fine, and not made
+    check_writable(tmp_path / "frames", "the frames", folder=True)
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "out.mp4").write_bytes(b"old")
+    check_writable(tmp_path / "out.mp4", "the video")  # an existing file may be replaced
+    with pytest.raises(InputError, match="cannot write the frames .*out.mp4: it is a file, not a folder"):
+        check_writable(tmp_path / "out.mp4", "the frames", folder=True)
+    assert os.listdir(tmp_path) == ["out.mp4"]

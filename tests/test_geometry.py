@@ -44,12 +44,28 @@ def test_camera_accepts_numpy_and_lists_and_converts():
         (dict(cx=float("inf")), "finite"),
         (dict(width=0), "positive integer"),
         (dict(height=10.5), "positive integer"),
+        # found by tests/test_fuzz_files.py: complex values were cast to real (a warning) or to 0 pixels
+        (dict(R=np.eye(3, dtype=np.complex64)), "Camera.R must hold real numbers, got torch.complex64 values"),
+        (dict(height=np.complex64(1j)), "Camera.height must be a positive integer"),
+        (dict(fx=np.bool_(True)), "Camera.fx must be a finite number"),
+        (dict(t=["a", "b", "c"]), "Camera.t must be a tensor, array or list of numbers"),
     ],
 )
 def test_camera_validation_names_the_problem(kw, words):
     with pytest.raises(InputError, match=None) as e:
         _cam(**kw)
     assert words in str(e.value)
+
+
+def test_camera_numpy_scalars_are_numbers():
+    cam = _cam(fx=np.float32(100.0), width=np.int64(64), cx=torch.tensor([31.5]))
+    assert (type(cam.fx), type(cam.width), type(cam.cx)) == (float, int, float) and cam.width == 64
+
+
+def test_camera_from_dict_names_unknown_keys_of_any_type():
+    d = {**_cam().to_dict(), 7: "x", "zoom": 2}  # found by fuzzing: sorting int and str keys raised TypeError
+    with pytest.raises(FormatError, match=r"unknown key\(s\) \['7', 'zoom'\]"):
+        Camera.from_dict(d)
 
 
 def test_look_at_default_sees_the_face():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..command_options import AVATAR_HELP
+from ..command_options import AVATAR_HELP, add_device_option
 from . import evaluate
 
 
@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="sampler (default: ddpm, the release's)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
     p.add_argument("--seed", type=int, default=None, help="fixed-noise seed (default: the avatar's)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    add_device_option(p)
     p.add_argument("--batch-size", type=int, default=4, help="frames rendered at once (default: 4)")
     p.add_argument("--out", default=None, help="folder for metrics.json and grid.png")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -29,8 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     """`avatar eval`: evaluate and print JSON or a table."""
     from ..avatars import load_avatar, resolve_avatar
+    from ..files import check_writable
     from ..model import WEIGHTS_FILE
 
+    if args.out is not None:
+        check_writable(args.out, "the evaluation folder", folder=True)
     avatar = load_avatar(args.avatar, device=args.device)
     folder = resolve_avatar(args.avatar).folder  # None for a preset: the state dict is hashed instead
     result = evaluate(avatar, data=args.data, frames=args.frames, sampler=args.sampler, steps=args.steps,

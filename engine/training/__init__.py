@@ -16,8 +16,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import build_config
 from ..errors import ConfigError
+from ..schema import build_dataclass
 from .loop import train
 
 RECIPES = ("release", "scratch")
@@ -114,7 +114,7 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         if not isinstance(d, dict):
             raise ConfigError("a training config must be a JSON object")
-        return build_config(cls, d)
+        return build_dataclass(cls, d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
