@@ -261,6 +261,16 @@ class Renderer:
             )
         return camera
 
+    def check_frames(self, frames: Iterable[Frame]) -> None:
+        """Check every frame's inputs as rendering does (code, camera, that the camera sees the head; the range
+        warnings), before any frame is rendered: an InputError names the frame's index."""
+        self._check_open()
+        for i, frame in enumerate(frames):
+            try:
+                self._frame_inputs(frame.camera, self._codes(frame.expression)[0], frame.mesh)
+            except InputError as e:
+                raise InputError(f"frame {i}: {e}") from None
+
     # -- frames ----------------------------------------------------------------------------------
     @torch.no_grad()
     def render_batch(

@@ -131,6 +131,11 @@ def test_a_camera_that_sees_nothing_is_an_error(renderer, tiny_avatar):
         renderer.render_batch([orbit_camera(size=128),
                                Camera.look_at((0, 0, 1), (0.5, 0, 0), width=128, height=128, fov_deg=16)],
                               torch.zeros(2, 8))
+    frames = orbit(tiny_avatar.config, frames=3)
+    frames[2].camera = orbit_camera(size=128, distance=3.0)
+    with pytest.raises(InputError, match="^frame 2: the camera sees nothing of the head: all of it lies beyond"):
+        renderer.check_frames(frames)
+    renderer.check_frames(frames[:2])
     # partly in view (the head's centre on the image's edge), from behind, and just inside the far plane: rendered
     for camera in (Camera.look_at((0, 0, 1), (0.1406, 0, 0), width=128, height=128, fov_deg=16),
                    orbit_camera(180.0, 0.0, size=128), orbit_camera(size=128, distance=1.9)):
