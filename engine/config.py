@@ -245,14 +245,25 @@ class TrainedOn:
             raise ConfigError(f"trained_on.rig must be a non-empty list of camera objects with the keys {CAMERA_KEYS}")
         object.__setattr__(self, "rig", tuple(self.rig))
 
-    def contains_camera(self, camera) -> bool:
+    def contains_camera(self, camera, angle_margin_deg: float = 0.0, distance_margin: float = 0.0) -> bool:
         """Whether an `engine.geometry.Camera`'s position lies inside the trained azimuth, elevation and distance
-        ranges (where it looks is not checked)."""
+        ranges, each widened by a margin: `angle_margin_deg` degrees on both sides of the angle ranges and
+        `distance_margin` (a fraction: 0.05 = 5 %) of the distance range's ends (where it looks is not checked)."""
+        return not self.camera_outside(camera, angle_margin_deg, distance_margin)
+
+    def camera_outside(self, camera, angle_margin_deg: float = 0.0,
+                       distance_margin: float = 0.0) -> dict[str, tuple[float, tuple[float, float]]]:
+        """The coordinates of `camera`'s position outside the trained ranges widened by the margins (see
+        `contains_camera`): {"azimuth_deg" | "elevation_deg" | "distance": (its value, the recorded (low, high))}."""
         from .orbit import orbit_angles
 
-        yaw, pitch, distance = orbit_angles(camera)
-        return (_inside(yaw, self.azimuth_deg, ANGLE_SLACK_DEG) and _inside(pitch, self.elevation_deg, ANGLE_SLACK_DEG)
-                and _inside(distance, self.distance, DISTANCE_SLACK))
+        (a0, a1), (e0, e1), (d0, d1) = self.azimuth_deg, self.elevation_deg, self.distance
+        widened = {"azimuth_deg": (a0 - angle_margin_deg, a1 + angle_margin_deg),
+                   "elevation_deg": (e0 - angle_margin_deg, e1 + angle_margin_deg),
+                   "distance": (d0 * (1 - distance_margin), d1 * (1 + distance_margin))}
+        slack = {"azimuth_deg": ANGLE_SLACK_DEG, "elevation_deg": ANGLE_SLACK_DEG, "distance": DISTANCE_SLACK}
+        values = dict(zip(widened, orbit_angles(camera)))
+        return {k: (v, getattr(self, k)) for k, v in values.items() if not _inside(v, widened[k], slack[k])}
 
     def contains_code(self, code) -> bool:
         """Whether every value of `code` (E numbers) lies inside its dimension's trained range."""

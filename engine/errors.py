@@ -23,3 +23,8 @@ class FormatError(AvatarError, ValueError):
 
 class BackendError(AvatarError, RuntimeError):
     """A backend cannot run here (missing library, no GPU, unsupported setting)."""
+
+
+class RangeWarning(UserWarning):
+    """A camera or expression code lies outside what the avatar was trained on (`AvatarConfig.trained_on`): the
+    frame is rendered anyway (a code is clamped into the range), at a quality the avatar was never checked for."""

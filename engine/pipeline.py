@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
-from .frame import Frame, as_codes
+from .frame import Frame
 from .geometry import Mesh
 from .raster import rasterize
 
@@ -177,9 +177,8 @@ class RenderPipeline:
         k = n % self.depth
         self._n += 1
         ev = self._events
-        code = as_codes(frame.expression)  # [1, E] on the CPU
-        mesh = r._mesh(frame.mesh, code[0])
-        camera = r._camera(frame.camera)
+        code = r._codes(frame.expression)  # [1, E] on the CPU, checked (and clamped to the head model's range)
+        camera, mesh = r._frame_inputs(frame.camera, code[0], frame.mesh)
         timers = ({f"{s}{i}": torch.cuda.Event(enable_timing=True) for s in STAGES for i in (0, 1)}
                   if self.timing else None)
         mark = (lambda name, s: timers[name].record(s)) if timers else (lambda name, s: None)

@@ -8,6 +8,7 @@ from engine.heads import (
     HeadModel,
     StaticHead,
     builtin_head_mesh,
+    code_range,
     head_model_kinds,
     load_head_model,
     register_head_model,
@@ -130,3 +131,19 @@ def test_mesh_protocol_requires_posed_mesh():
         name = "x"
 
     assert not isinstance(NotAHead(), HeadModel)
+
+
+def test_code_range_is_what_the_head_model_declares():
+    synthetic = load_head_model("synthetic")
+    assert code_range(synthetic) == (0.0, 1.0)
+    # it is what posed_mesh clamps to: 1.5 poses as 1, -0.5 as 0
+    over, one = synthetic.posed_mesh(torch.full((8,), 1.5)), synthetic.posed_mesh(torch.ones(8))
+    assert torch.equal(over.vertices, one.vertices)
+    assert torch.equal(synthetic.posed_mesh(torch.full((8,), -0.5)).vertices, synthetic.posed_mesh(None).vertices)
+    assert code_range(StaticHead(builtin_head_mesh(1))) is None and code_range(None) is None
+
+    class Backwards:
+        name, code_range = "backwards", (1.0, 0.0)
+
+    with pytest.raises(ConfigError, match="low <= high"):
+        code_range(Backwards())

@@ -15,10 +15,12 @@ modules and are imported only when chosen, so the reference path never imports t
 
 from __future__ import annotations
 
+import copy
 import importlib
 from functools import partial
 
 import torch
+from torch import nn
 
 from ..conditioning import build_condition
 from ..errors import ConfigError
@@ -33,11 +35,17 @@ _BACKENDS: dict[str, str] = {
 
 
 class Backend:
-    """What every backend shares. Args (the registry's; `Renderer` passes them): avatar (`engine.model.Avatar`,
-    in eval mode on `device`), sampler, noise (`FixedNoise` on `device`, batch 1: its draws serve every frame
-    of a batch), device, dtype (None: the backend's default)."""
+    """What every backend shares. Args (the registry's; `Renderer` passes them): avatar (`engine.model.Avatar`:
+    the renderer's own copy, in eval mode, on `device` but for the submodules named in `own_networks`), sampler,
+    noise (`FixedNoise` on `device`, batch 1: its draws serve every frame of a batch), device, dtype (None: the
+    backend's default).
+
+    `own_networks`: the avatar's submodules the backend copies for itself (the compiled backend's half-precision
+    networks); the renderer leaves those where the caller's avatar has them, so no second full-precision copy of
+    them lands on the device."""
 
     name = ""
+    own_networks: tuple[str, ...] = ()
 
     def __init__(self, avatar, sampler: Sampler, noise: FixedNoise, device: torch.device,
                  dtype: torch.dtype | None = None):
@@ -84,7 +92,29 @@ class Backend:
         return None
 
     def close(self) -> None:
-        """Free what the backend holds (graphs, buffers, private weights); the default holds nothing."""
+        """Free what the backend holds (graphs, buffers, private weights); the default drops its avatar."""
+        self.avatar = None
+
+
+def copy_module(module: nn.Module, device, dtype: torch.dtype, *, keep=(), float32=(), shared=()) -> nn.Module:
+    """A private copy of `module` for inference: its structure deep-copied, in eval mode, without gradients, each
+    floating tensor on `device` in `dtype`. Where a tensor already is there in that dtype the copy holds that very
+    tensor (no new memory); tensors under the submodule prefixes in `keep` stay as they are (shared, wherever they
+    live), those under `float32` become float32; the objects in `shared` (e.g. a head model) are shared, not copied.
+    The caller's module is left as it was (mode, flags, device, dtype)."""
+    memo = {id(obj): obj for obj in shared}
+    device = torch.device(device)
+
+    def under(name: str, prefixes) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        new = t.detach()
+        if not under(name, keep):
+            target = (torch.float32 if under(name, float32) else dtype) if t.is_floating_point() else t.dtype
+            new = new.to(device=device, dtype=target)
+        memo[id(t)] = nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new
+    return copy.deepcopy(module, memo).eval()
 
 
 def register_backend(name: str, target: str) -> None:

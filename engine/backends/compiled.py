@@ -72,6 +72,7 @@ class CompiledBackend(Backend):
     """
 
     name = "compiled"
+    own_networks = ("unet", "controlnet", "vae")  # `HoistedNetworks` holds its own copies, cast on the way
 
     def __init__(self, avatar, sampler, noise, device, dtype=None, *, decoder: str = "vae", graphs=None,
                  channels_last: bool = True, attention: str = "flash", parallel_controlnet: bool = False,
@@ -239,12 +240,13 @@ class CompiledBackend(Backend):
                 "dynamo_graphs": dynamo_graphs()}
 
     def close(self) -> None:
-        """Free the graphs and the private networks."""
+        """Free the graphs, the private networks, the packed textures and the side stream."""
         for g in self._graphs.values():
             g.graph.reset()
         self._graphs.clear()
         self._last_events = None
-        self.nets = None
+        self.nets = self._packed = self._controlnet_stream = None
+        super().close()
 
     # -- helpers ---------------------------------------------------------------------------------
     def _check(self, condition, tokens) -> None:

@@ -21,7 +21,6 @@ the time embedding, the conditioning embedding and the `conditioning_scale` mult
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +30,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..expression import TOKENS_KWARG
+from . import copy_module
 
 
 class StepState:
@@ -133,9 +133,11 @@ class HoistedNetworks(nn.Module):
         self.state = StepState()
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         with torch.no_grad():
-            self.unet = copy.deepcopy(avatar.unet).to(device)
-            self.controlnet = copy.deepcopy(avatar.controlnet).to(device)
-            for net in (self.unet, self.controlnet):  # tables in float32, before the cast
+            # Cast on the way to the device (no full-precision copy there); the time embeddings stay float32 for
+            # the tables, computed in float32 before the final cast (which also casts the tables).
+            self.unet = copy_module(avatar.unet, device, dtype, float32=_time_modules(avatar.unet))
+            self.controlnet = copy_module(avatar.controlnet, device, dtype, float32=_time_modules(avatar.controlnet))
+            for net in (self.unet, self.controlnet):
                 _tabulate_time(net, timesteps.to(device), self.state)
                 net.time_embedding = net.time_proj = None
             with _quiet_diffusers():  # its "modules to keep in float32" notice: there are none here
@@ -144,8 +146,9 @@ class HoistedNetworks(nn.Module):
             self.decoder_name = decoder
             if decoder == "vae":
                 vae = avatar.vae
-                self.post_quant_conv = copy.deepcopy(vae.post_quant_conv)
-                self.decoder = copy.deepcopy(vae.decoder)
+                self.post_quant_conv = None if vae.post_quant_conv is None else copy_module(vae.post_quant_conv,
+                                                                                             device, dtype)
+                self.decoder = copy_module(vae.decoder, device, dtype)
                 self.scale = float(avatar.config.vae.scaling_factor)
             elif decoder == "tiny":
                 self.post_quant_conv, self.decoder, self.scale = None, _tiny_decoder(avatar.config), 1.0
@@ -206,6 +209,12 @@ class HoistedNetworks(nn.Module):
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
+
+
+def _time_modules(net) -> list[str]:
+    """Paths of the modules that only compute time embeddings: `time_embedding` and every resnet's projection."""
+    return ["time_embedding"] + [f"{name}.time_emb_proj" for name, m in net.named_modules()
+                                 if isinstance(m, ResnetBlock2D) and m.time_emb_proj is not None]
 
 
 @torch.no_grad()

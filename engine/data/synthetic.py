@@ -140,6 +140,7 @@ class SyntheticHead:
     version = SYNTHETIC_VERSION
     expression_names = ARKIT8
     expression_dim = len(ARKIT8)
+    code_range = (0.0, 1.0)  # `posed_mesh` clamps to it (the renderer clamps the tokens' code the same way)
 
     def __init__(self):
         self._rig = _rig()

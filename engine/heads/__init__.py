@@ -22,7 +22,11 @@ from .builtin import builtin_head_mesh
 
 @runtime_checkable
 class HeadModel(Protocol):
-    """Anything with a `name` and `posed_mesh(expression [E] float32) -> Mesh`."""
+    """Anything with a `name` and `posed_mesh(expression [E] float32) -> Mesh`.
+
+    A head model whose rig is defined only on a range of code values says so with an optional attribute
+    `code_range = (low, high)` (every dimension; `posed_mesh` clamps to it, as the synthetic head's [0, 1]): the
+    renderer then clamps the code it turns into expression tokens the same way (`code_range(head)`)."""
 
     name: str
 
@@ -49,6 +53,18 @@ class StaticHead:
 
     def __repr__(self) -> str:
         return f"StaticHead(name={self.name!r}, mesh={self.mesh!r})"
+
+
+def code_range(head: HeadModel | None) -> tuple[float, float] | None:
+    """The head model's declared `code_range` (low, high), or None (it takes any code)."""
+    bounds = getattr(head, "code_range", None)
+    if bounds is None:
+        return None
+    low, high = (float(b) for b in bounds)
+    if not low <= high:
+        raise ConfigError(f"head model {getattr(head, 'name', head)!r} declares code_range {bounds!r}; "
+                          "it needs low <= high")
+    return low, high
 
 
 # kind -> factory(argument, root) -> HeadModel | None
@@ -118,6 +134,7 @@ __all__ = [
     "HeadModel",
     "StaticHead",
     "builtin_head_mesh",
+    "code_range",
     "load_head_model",
     "mesh_file",
     "register_head_model",
