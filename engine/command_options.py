@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 
+from .devices import DEVICES
+
 AVATAR_HELP = "a preset (tiny, sd21), an avatar shipped with the package, or an avatar folder"
-DEVICES = "auto (CUDA when present, else cpu), cpu, cuda or cuda:N"
 
 
 def add_render_options(p: argparse.ArgumentParser) -> None:
@@ -33,28 +34,14 @@ def add_device_option(p: argparse.ArgumentParser) -> None:
 
 
 def device(spec: str) -> str:
-    """An argparse type: "auto" -> "cuda" when CUDA is available, else "cpu"; "cpu", "cuda" or "cuda:N" when that
-    device exists here; anything else is refused with the reason and the choices."""
-    import torch
+    """An argparse type: `engine.devices.resolve_device`'s answer as a name, or its refusal as argparse's error."""
+    from .devices import resolve_device
+    from .errors import AvatarError
 
-    if spec == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        kind = torch.device(spec).type
-    except RuntimeError:
-        kind = None
-    if kind not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"unknown device {spec!r} (use {DEVICES})")
-    if kind == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = torch.device(spec).index or 0
-        if count == 0:
-            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
-            raise argparse.ArgumentTypeError(f"{spec!r} is not available: {why} (use --device cpu, or auto)")
-        if index >= count:
-            raise argparse.ArgumentTypeError(f"{spec!r} does not exist: this machine has {count} CUDA device(s), "
-                                             f"cuda:0 to cuda:{count - 1} (pick one of them, or auto)")
-    return spec
+        return str(resolve_device(spec))
+    except AvatarError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def positive_int(text: str) -> int:

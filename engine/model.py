@@ -20,7 +20,8 @@ from torch import nn
 
 from .conditioning import NeuralTextures
 from .config import AvatarConfig, from_preset
-from .errors import BackendError, CheckpointError, ConfigError, InputError
+from .devices import resolve_device
+from .errors import CheckpointError, ConfigError, InputError
 from .expression import TOKENS_KWARG, add_expression_attention, expression_attention_paths
 from .files import atomic_path, check_state_dict, write_atomic
 from .init import seeded_init, training_init
@@ -265,7 +266,7 @@ class Avatar(nn.Module):
         if not weights.is_file():
             raise CheckpointError(f"{weights} is missing; an avatar folder needs {CONFIG_FILE} and {WEIGHTS_FILE} "
                                   "(write one with Avatar.save_pretrained)")
-        _check_device(device)
+        resolve_device(device, allow_meta=True)
         try:
             tensors = load_file(str(weights), device=str(device))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -316,17 +317,6 @@ def read_config(folder: Path) -> AvatarConfig:
         return AvatarConfig.from_dict(data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from e
-
-
-def _check_device(device: str | torch.device) -> None:
-    """ConfigError for a malformed device, BackendError for a CUDA device this machine lacks (rather than a
-    safetensors error that blames the file)."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"unknown device {device!r} ({e}) (use 'cpu', 'cuda' or 'cuda:N')") from e
-    if device.type == "cuda" and (device.index or 0) >= (torch.cuda.device_count() if torch.cuda.is_available() else 0):
-        raise BackendError(f"device {str(device)!r} is not available here (load the avatar on 'cpu')")
 
 
 def _check_finite_weights(stored: dict[str, torch.Tensor], cast: dict[str, torch.Tensor], source: Path) -> None:

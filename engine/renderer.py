@@ -29,6 +29,7 @@ import torch
 
 from .backends import backend_class, copy_module, default_backend
 from .config import CODE_SLACK
+from .devices import resolve_device
 from .errors import BackendError, ConfigError, InputError, RangeWarning
 from .frame import Frame, as_codes, check_output_type, check_visible, to_output
 from .geometry import Camera, Mesh
@@ -55,27 +56,6 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if dtype not in DTYPES.values():
         raise ConfigError(f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
     return dtype
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`"auto"`: CUDA when torch sees a GPU, else the CPU; any other name or `torch.device` is checked: an unknown
-    name is a ConfigError, CUDA without a GPU (or a GPU index past the last) a BackendError."""
-    if isinstance(device, str) and device.strip().lower() == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device.strip() if isinstance(device, str) else device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"unknown device {device!r}; use 'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'") \
-            from None
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch build has no CUDA" if torch.version.cuda is None else "torch sees no CUDA GPU"
-            raise BackendError(f"device {str(resolved)!r} needs CUDA, but {why} (torch {torch.__version__}); "
-                               "use device='cpu' or 'auto'")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise BackendError(f"device {str(resolved)!r}: there are only {torch.cuda.device_count()} CUDA GPU(s) "
-                               f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
-    return resolved
 
 
 def weight_dtype(avatar: Avatar) -> torch.dtype:
@@ -131,7 +111,7 @@ class Renderer:
         if not isinstance(avatar, Avatar):
             raise ConfigError(f"Renderer needs an engine.model.Avatar, got {type(avatar).__name__}; load one with "
                               "Avatar.from_pretrained(folder) or Avatar.from_preset(name)")
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, allow_meta=True)
         backend = backend or default_backend(self.device)
         cls, options = backend_class(backend), dict(backend_options or {})
         weights = weight_dtype(avatar)
