@@ -21,6 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.command_options import device as device_name
+from engine.devices import DEVICES
+
 from .measure import GRAPH_BACKENDS, compiled_case, fidelity, frame_mesh, registry_case
 from .report import RESULTS, case_line, new_report, save
 
@@ -29,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The command's options."""
     a = p.add_argument
     a("--avatar", default="tiny", help="a preset, a shipped avatar or an avatar folder (default: tiny)")
-    a("--device", default="cpu", help="torch device (default: cpu)")
+    a("--device", type=device_name, default="auto", help=f"torch device: {DEVICES} (default: auto)")
     a("--backends", default="reference", help="comma-separated: reference, compiled, compiled-parallel (ControlNet "
       "on a second stream), compiled-eager (no CUDA graph), or any registered backend (default: reference)")
     a("--dtypes", default="float32", help="comma-separated dtypes for the reference (default: float32)")
@@ -96,7 +99,7 @@ def run(args) -> dict:
     if args.repeat < 1:
         raise ConfigError(f"--repeat must be at least 1, got {args.repeat}")
     t0 = time.perf_counter()
-    avatar = load_avatar(args.avatar, device=device)
+    avatar = load_avatar(args.avatar)  # on the CPU: each case's Renderer puts what its backend needs on the device
     load_ms = round((time.perf_counter() - t0) * 1e3)
     cfg = avatar.config
     frames = orbit(cfg, frames=max(args.repeat, args.stream_frames, 2) + 1)
@@ -149,6 +152,6 @@ def _run_case(avatar, frames, device, case, graph, args) -> dict:
     if device.type == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         result["case_peak_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
-    if renderer is not None and hasattr(renderer.backend, "close"):
-        renderer.backend.close()
+    if renderer is not None:
+        renderer.close()
     return result

@@ -104,17 +104,16 @@ def registry_case(avatar, frames, device, backend, dtype, steps, args) -> dict:
 def compiled_case(avatar, frames, device, dtype, steps, decoder, graphs, parallel, args) -> tuple[dict, object]:
     """A compiled backend: the first frame (build + warm-up + capture), `args.repeat` sequential frames and, with
     CUDA graphs, a depth-2 stream of `args.stream_frames` frames -> (result, the renderer, for `fidelity`)."""
-    from engine.backends.compiled import CompiledBackend, dynamo_graphs
+    from engine.backends.compiled import dynamo_graphs
     from engine.pipeline import RenderPipeline
     from engine.renderer import Renderer
 
     t0 = time.perf_counter()
-    renderer = Renderer(avatar, device=device, sampler=args.sampler, steps=steps, raster_backend=args.raster,
-                        backend="reference")
-    backend = CompiledBackend(renderer.avatar, renderer.sampler, renderer.noise, device, getattr(torch, dtype),
-                              decoder=decoder, graphs=graphs, timing=device.type == "cuda", warmup=args.warmup,
-                              attention=args.attention, compile=args.compile, parallel_controlnet=parallel)
-    renderer.backend = backend
+    options = {"decoder": decoder, "graphs": graphs, "timing": device.type == "cuda", "warmup": args.warmup,
+               "attention": args.attention, "compile": args.compile, "parallel_controlnet": parallel}
+    renderer = Renderer(avatar, device=device, sampler=args.sampler, steps=steps, dtype=dtype,
+                        raster_backend=args.raster, backend="compiled", backend_options=options)
+    backend = renderer.backend
     seq = RenderPipeline(renderer, depth=1, timing=True)
     list(seq.run(frames[:1]))
     first = (time.perf_counter() - t0) * 1e3

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..command_options import AVATAR_HELP
+from ..command_options import AVATAR_HELP, device
+from ..devices import DEVICES
 from .app import create_app, host_warning, uvicorn_config
 from .protocol import MAX_MESSAGE_BYTES
 from .worker import RenderWorker
@@ -17,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback "
                         "only; anything else is reachable from other machines and prints a warning)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--device", type=device, default="auto", help=f"torch device: {DEVICES} (default: auto)")
     parser.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"],
                         help="sampler (default: ddim, which stays sharp at few steps)")
     parser.add_argument("--steps", type=int, default=2, help="default denoising steps (default: 2)")
