@@ -57,8 +57,10 @@ class Renderer:
             half weights in `compiled`), or their names; default: the backend's (float32 for the reference,
             float16 for `compiled`).
         raster_backend: "torch" (reference, any device) or "nvdiffrast" (CUDA).
-        backend: a registered backend name ("reference", "compiled", ...); default: `compiled` on CUDA (one CUDA
-            graph per frame), `reference` elsewhere.
+        backend: a registered backend name ("reference", "compiled", "onnxruntime", ...); default: `compiled` on
+            CUDA (one CUDA graph per frame), `reference` elsewhere.
+        backend_options: keyword arguments of the backend's constructor (e.g. `{"engines": DIR}` for
+            "onnxruntime", `{"decoder": "tiny"}` for "compiled").
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class Renderer:
         dtype: torch.dtype | str | None = None,
         raster_backend: str = "torch",
         backend: str | None = None,
+        backend_options: dict | None = None,
     ):
         self.device = torch.device(device)
         dtype = None if dtype is None else resolve_dtype(dtype)
@@ -83,7 +86,8 @@ class Renderer:
         seed = config.noise_seed if seed is None else seed
         self.noise = FixedNoise(shape, self.sampler.num_steps, seed).to(self.device)
         self.raster_backend = raster_backend
-        self.backend = backend_class(backend)(self.avatar, self.sampler, self.noise, self.device, dtype)
+        self.backend = backend_class(backend)(self.avatar, self.sampler, self.noise, self.device, dtype,
+                                              **(backend_options or {}))
         self.dtype = self.backend.dtype
 
     # -- inputs ----------------------------------------------------------------------------------
