@@ -58,6 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--raster", default="torch", choices=["torch", "nvdiffrast"], help="rasteriser (default: torch)")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a("--out", default=None, help="results file stem (default: benchmarks/results/<avatar>-<device>)")
+    a("--engines", default=None, help="export folder of the onnxruntime backend (`avatar export --to onnx`)")
 
 
 @dataclass
@@ -120,6 +121,7 @@ def synthetic_mesh(faces: int = 100_000, variant: int = 0, canonical_dims: int =
 
 def time_frame(renderer, frame, timer: StageTimer) -> None:
     """One frame through the renderer's stages, marking each (the same calls as Renderer.render_batch)."""
+    from engine.frame import to_pixels
     from engine.raster import rasterize
     from engine.renderer import as_codes
 
@@ -137,7 +139,7 @@ def time_frame(renderer, frame, timer: StageTimer) -> None:
     latent = renderer.backend.denoise(condition, tokens, on_step=lambda i: timer.mark("step"))
     image = renderer.backend.decode(latent)
     timer.mark("decode")
-    renderer.backend.pixels(image).cpu()
+    to_pixels(image).cpu()
     timer.mark("copy back")
 
 
@@ -159,7 +161,8 @@ def _reference_case(avatar, frames, device, backend, dtype, steps, args) -> dict
 
     t0 = time.perf_counter()
     renderer = Renderer(avatar, device=device, sampler=args.sampler, steps=steps, dtype=dtype,
-                        raster_backend=args.raster, backend=backend)
+                        raster_backend=args.raster, backend=backend,
+                        backend_options={"engines": args.engines} if backend == "onnxruntime" else None)
     with torch.no_grad():
         time_frame(renderer, frames[0], StageTimer(device))  # warm-up
         first = (time.perf_counter() - t0) * 1e3
