@@ -43,7 +43,7 @@ ONNX_TYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32
 
 def export_onnx(avatar, out: str | os.PathLike, dtype: str = "float32", batch: int = 1, opset: int | None = None,
                 graphs: tuple[str, ...] = GRAPHS, slim: bool = True, verify: bool = True, log=None) -> dict:
-    """Export `avatar` (an `engine.model.Avatar` with weights, on the CPU) to the folder `out`; returns the
+    """Export `avatar` (an `engine.model.Avatar` with weights on the CPU; unchanged) to the folder `out`; returns the
     manifest (also written to `out/manifest.json`, format in `export.manifest`).
 
     dtype: the graphs' compute dtype ("float32", "float16", "bfloat16"; inputs and outputs stay float32);
@@ -66,12 +66,13 @@ def export_onnx(avatar, out: str | os.PathLike, dtype: str = "float32", batch: i
     unknown = [g for g in graphs if g not in GRAPHS]
     if unknown or not graphs:
         raise ConfigError(f"unknown graph(s) {unknown}; choose from {list(GRAPHS)}")
-    if getattr(avatar, "is_meta", False):
-        raise ConfigError("this avatar has no weights (built on the meta device); load it on the CPU to export")
+    device = avatar.prompt_embedding.device
+    if device.type != "cpu":
+        raise ConfigError(f"export traces the networks on the CPU, but this avatar is on {device}; load it with "
+                          "device='cpu' (it has no weights on 'meta')")
     out = Path(out)
     tmp = _temporary_folder(out)
     try:
-        avatar = avatar.to("cpu").eval()
         entries = {}
         for name in graphs:
             t0 = time.perf_counter()

@@ -233,6 +233,10 @@ def test_cli_export_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["export", "--avatar", "tiny", "--to", "coreml", "--out", str(tmp_path / "c")])
     assert e.value.code == 2 and "invalid choice: 'coreml'" in capsys.readouterr().err
+    with torch.device("meta"):
+        meta = Avatar.from_preset("tiny")
+    with pytest.raises(ConfigError, match="this avatar is on meta"):
+        export_onnx(meta, tmp_path / "m")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
