@@ -65,7 +65,7 @@ def markdown(report: dict) -> str:
              "- same fixed noise, the avatar's default orbit; inf = identical 8-bit frames (mean caps those at 200 dB)",
              ("- float16 graphs: ONNX Runtime's CPU provider computes float16 convolutions in float32 (it inserts "
              "casts), so these rows test the graphs' casts and rounded weights, not half-precision arithmetic"), "",
-             "| avatar | graphs | sampler | steps | frames | PSNR min dB | PSNR mean dB | identical frames | export s |",
+             "| avatar | graphs | sampler | steps | frames | PSNR min dB | PSNR mean dB | identical | export s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(f"| {r['avatar']} | {r['graphs']} | {r['sampler']} | {r['steps']} | {r['frames']} | "

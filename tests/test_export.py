@@ -1,12 +1,16 @@
 """`avatar export --to onnx` (`export/`) and the `onnxruntime` backend against the float32 torch reference.
 
-`tiny` is exported once per module through the command line and reused; the demo avatar once more (its graphs
-only), and `tiny` in float16 (denoiser, decoder, conditioning) for the precision checks. About a minute on 2 cores.
+Three exports, each once per module: `tiny` (float32, through `main`, reused by most tests), the demo avatar and
+`tiny` in float16. Exporting is mostly single-threaded Python, so the last two run as `avatar export` child
+processes from the module's start, beside the tests that need only the first: about a minute on 2 cores.
 """
 
 import json
 import math
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -27,29 +31,47 @@ from export.graphs import example_inputs
 from export.manifest import MANIFEST, weights_sha256
 from export.onnx import export_onnx
 
-RENDER_GRAPHS = ("conditioning", "denoiser", "decoder")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_engines(tmp_path_factory, tiny_avatar):
+def tiny_engines(tmp_path_factory, tiny_avatar, background_exports):
     out = tmp_path_factory.mktemp("export") / "tiny"
     assert main(["export", "--avatar", "tiny", "--to", "onnx", "--out", str(out)]) == 0
     return out
 
 
 @pytest.fixture(scope="module")
-def demo_engines(tmp_path_factory):
-    avatar = load_avatar("demo")
-    out = tmp_path_factory.mktemp("export") / "demo"
-    export_onnx(avatar, out, graphs=RENDER_GRAPHS, verify=False)
-    return avatar, out
+def background_exports(tmp_path_factory):
+    """{"demo": (folder, process), "tiny-fp16": ...}: `avatar export` child processes, started with `tiny_engines`
+    (the module's first tests) so that they run beside it."""
+    root, jobs = tmp_path_factory.mktemp("export"), {}
+    for key, args in (("demo", ["--avatar", "demo"]), ("tiny-fp16", ["--avatar", "tiny", "--dtype", "float16"])):
+        cmd = [sys.executable, "-m", "engine.cli", "export", "--to", "onnx", "--out", str(root / key), "--no-verify"]
+        jobs[key] = (root / key, subprocess.Popen([*cmd, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                                                  stderr=subprocess.STDOUT, text=True))
+    yield jobs
+    for _, process in jobs.values():
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
+def _finished(jobs, key) -> Path:
+    out, process = jobs[key]
+    log = process.communicate(timeout=900)[0]
+    assert process.returncode == 0, log
+    return out
 
 
 @pytest.fixture(scope="module")
-def tiny_half(tmp_path_factory, tiny_avatar):
-    out = tmp_path_factory.mktemp("export") / "tiny-fp16"
-    export_onnx(tiny_avatar, out, dtype="float16", graphs=RENDER_GRAPHS, verify=False)
-    return out
+def demo_engines(background_exports):
+    return load_avatar("demo"), _finished(background_exports, "demo")
+
+
+@pytest.fixture(scope="module")
+def tiny_half(background_exports):
+    return _finished(background_exports, "tiny-fp16")
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -61,7 +83,7 @@ def _session(folder, name):
     return ort.InferenceSession(str(folder / f"{name}.onnx"), providers=["CPUExecutionProvider"])
 
 
-# -- the graphs ------------------------------------------------------------------------------------------
+# -- tiny, float32: graphs, frames, refusals, the command line ---------------------------------------------
 def test_manifest_describes_static_checked_graphs(tiny_engines, tiny_avatar):
     m = json.loads((tiny_engines / MANIFEST).read_text())
     assert m["format"] == "diffusion-avatars-engine/export" and m["version"] == 1 and m["target"] == "onnx"
@@ -113,27 +135,6 @@ def test_graphs_match_torch_and_follow_every_input(tiny_engines, tiny_avatar):
         assert np.abs(changed - v).max() > 1e-3, key
     assert np.abs(dec.run(None, {"latent": feed["latent"] * 0.5})[0] - image_ref.numpy()).max() > 1e-3
 
-
-def test_float16_graphs_keep_softmax_norms_and_logits_in_float32(tiny_half):
-    """Every Softmax, normalisation and attention-logit MatMul computes in float32, the convolutions in float16."""
-    for name in ("denoiser", "decoder"):
-        g = onnx.load(str(tiny_half / f"{name}.onnx")).graph
-        types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
-        types.update({t.name: t.data_type for t in g.initializer})
-        producer = {o: n for n in g.node for o in n.output}
-        ops = {}
-        for n in g.node:
-            ops.setdefault(n.op_type, []).append(n)
-        f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
-        assert ops["Conv"] and all(types[n.input[0]] == f16 for n in ops["Conv"]), name
-        norms = [n for op in ("LayerNormalization", "InstanceNormalization", "GroupNormalization") for n in ops.get(op, [])]
-        assert norms and all(types[n.input[0]] == f32 and types[n.output[0]] == f32 for n in norms), name
-        assert ops["Softmax"] and all(types[n.input[0]] == f32 for n in ops["Softmax"]), name
-        logits = [producer[n.input[0]] for n in ops["Softmax"]]
-        assert all(n.op_type == "MatMul" and types[n.input[0]] == types[n.input[1]] == f32 for n in logits), name
-
-
-# -- the backend -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("sampler,steps", [("ddim", 4), ("ddpm", 20)])
 def test_tiny_frames_match_the_float32_reference(tiny_engines, tiny_avatar, sampler, steps):
     ref = Renderer(tiny_avatar, sampler=sampler, steps=steps)
@@ -142,29 +143,6 @@ def test_tiny_frames_match_the_float32_reference(tiny_engines, tiny_avatar, samp
     assert fast.dtype == torch.float32 and fast.backend.providers == ["CPUExecutionProvider"]
     for f in orbit(tiny_avatar.config, frames=3)[:2]:
         assert _psnr(ref.render(f.camera, f.expression), fast.render(f.camera, f.expression)) >= 50
-
-
-@pytest.mark.parametrize("sampler,steps", [("ddim", 4), ("ddpm", 20)])
-def test_demo_frames_match_the_float32_reference(demo_engines, sampler, steps):
-    avatar, engines = demo_engines
-    ref = Renderer(avatar, sampler=sampler, steps=steps)
-    fast = Renderer(avatar, sampler=sampler, steps=steps, backend="onnxruntime", backend_options={"engines": engines})
-    f = orbit(avatar.config, frames=4)[1]
-    psnr = _psnr(ref.render(f.camera, f.expression), fast.render(f.camera, f.expression))
-    print(f"[onnx psnr] demo float32 {sampler} {steps}: {psnr:.1f} dB")
-    assert psnr >= 50
-
-
-def test_float16_frames(tiny_half, tiny_avatar):
-    """Reported, loosely bounded: the CPU provider computes float16 convolutions in float32 (it inserts casts), so
-    this checks the graph's casts and weights' rounding, not half-precision arithmetic or overflow."""
-    ref = Renderer(tiny_avatar, sampler="ddim", steps=4)
-    fast = Renderer(tiny_avatar, sampler="ddim", steps=4, backend="onnxruntime", backend_options={"engines": tiny_half})
-    assert fast.dtype == torch.float16
-    f = orbit(tiny_avatar.config, frames=3)[1]
-    psnr = _psnr(ref.render(f.camera, f.expression), fast.render(f.camera, f.expression))
-    print(f"[onnx psnr] tiny float16 ddim 4: {psnr:.1f} dB")
-    assert psnr >= 35
 
 
 def test_engines_are_refused_for_other_weights_shapes_batch_and_dtype(tiny_engines, tiny_avatar, tmp_path):
@@ -193,7 +171,6 @@ def test_engines_are_refused_for_other_weights_shapes_batch_and_dtype(tiny_engin
         Renderer(tiny_avatar, backend="onnxruntime", backend_options={"engines": broken})
 
 
-# -- the command line ----------------------------------------------------------------------------------------
 def test_cli_render_with_onnxruntime_matches_the_reference(tiny_engines, tmp_path, capsys):
     seq = tmp_path / "seq.json"
     assert main(["orbit", "--avatar", "tiny", "--frames", "3", "--out", str(seq)]) == 0
@@ -212,7 +189,6 @@ def test_cli_render_with_onnxruntime_matches_the_reference(tiny_engines, tmp_pat
     assert "avatar render: error:" in err and "[4, 16, 16]" in err and "[4, 32, 32]" in err
     assert main([*common, "--out", str(tmp_path / "y"), "--backend", "compiled", "--engines", str(tiny_engines)]) == 2
     assert "--engines is for --backend onnxruntime" in capsys.readouterr().err
-
 
 def test_cli_export_errors(tmp_path, capsys):
     blocker = tmp_path / "file"
@@ -239,24 +215,25 @@ def test_cli_export_errors(tmp_path, capsys):
         export_onnx(meta, tmp_path / "m")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
-
 def test_a_failed_export_leaves_nothing_and_keeps_the_earlier_one(tiny_avatar, tmp_path, monkeypatch):
-    out = tmp_path / "engines"
-    export_onnx(tiny_avatar, out, graphs=("tokens",), verify=False)
-    before = (out / MANIFEST).read_text()
-    real = export_onnx_module._export_graph
-
-    def fail_on_decoder(name, *args):
+    def fake_graph(name, avatar, dtype, batch, opset, folder, *rest):  # the folder logic only: no real graphs
         if name == "decoder":
             raise BackendError("injected failure")
-        return real(name, *args)
+        (folder / f"{name}.onnx").write_bytes(b"graph")
+        return {"file": f"{name}.onnx", "external_data": None, "bytes": 5, "nodes": 1, "max_abs_err": None}
 
-    monkeypatch.setattr(export_onnx_module, "_export_graph", fail_on_decoder)
+    monkeypatch.setattr(export_onnx_module, "_export_graph", fake_graph)
+    out = tmp_path / "engines"
+    export_onnx(tiny_avatar, out, graphs=("tokens",))
+    before = (out / MANIFEST).read_text()
     for target in (out, tmp_path / "fresh"):
         with pytest.raises(BackendError, match="injected"):
             export_onnx(tiny_avatar, target, graphs=("tokens", "decoder"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]
     assert (out / MANIFEST).read_text() == before and sorted(p.name for p in out.iterdir()) == [MANIFEST, "tokens.onnx"]
+    export_onnx(tiny_avatar, out, graphs=("conditioning",))  # a finished export replaces the earlier one
+    assert sorted(p.name for p in out.iterdir()) == ["conditioning.onnx", MANIFEST]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]
 
 
 def test_onnx_installs_beside_the_tracker():
@@ -269,3 +246,47 @@ def test_onnx_installs_beside_the_tracker():
     assert int(google.protobuf.__version__.split(".")[0]) < 5 and onnx.__version__ == "1.17.0"
     with Tracker(static_images=True, smooth=False) as t:
         assert t.landmarks(skimage.data.astronaut()).shape == (478, 3)
+
+
+# -- the child processes' exports: float16 graphs, the demo avatar --------------------------------------------
+def test_float16_graphs_keep_softmax_norms_and_logits_in_float32(tiny_half):
+    """Every Softmax, normalisation and attention-logit MatMul computes in float32, the convolutions in float16."""
+    for name in ("denoiser", "decoder"):
+        g = onnx.load(str(tiny_half / f"{name}.onnx")).graph
+        types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
+        types.update({t.name: t.data_type for t in g.initializer})
+        producer = {o: n for n in g.node for o in n.output}
+        ops = {}
+        for n in g.node:
+            ops.setdefault(n.op_type, []).append(n)
+        f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+        assert ops["Conv"] and all(types[n.input[0]] == f16 for n in ops["Conv"]), name
+        norms = [n for op in ("LayerNormalization", "InstanceNormalization", "GroupNormalization")
+                 for n in ops.get(op, [])]
+        assert norms and all(types[n.input[0]] == f32 and types[n.output[0]] == f32 for n in norms), name
+        assert ops["Softmax"] and all(types[n.input[0]] == f32 for n in ops["Softmax"]), name
+        logits = [producer[n.input[0]] for n in ops["Softmax"]]
+        assert all(n.op_type == "MatMul" and types[n.input[0]] == types[n.input[1]] == f32 for n in logits), name
+
+
+def test_float16_frames(tiny_half, tiny_avatar):
+    """Reported, loosely bounded: the CPU provider computes float16 convolutions in float32 (it inserts casts), so
+    this checks the graph's casts and weights' rounding, not half-precision arithmetic or overflow."""
+    ref = Renderer(tiny_avatar, sampler="ddim", steps=4)
+    fast = Renderer(tiny_avatar, sampler="ddim", steps=4, backend="onnxruntime", backend_options={"engines": tiny_half})
+    assert fast.dtype == torch.float16
+    f = orbit(tiny_avatar.config, frames=3)[1]
+    psnr = _psnr(ref.render(f.camera, f.expression), fast.render(f.camera, f.expression))
+    print(f"[onnx psnr] tiny float16 ddim 4: {psnr:.1f} dB")
+    assert psnr >= 35
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 4), ("ddpm", 20)])
+def test_demo_frames_match_the_float32_reference(demo_engines, sampler, steps):
+    avatar, engines = demo_engines
+    ref = Renderer(avatar, sampler=sampler, steps=steps)
+    fast = Renderer(avatar, sampler=sampler, steps=steps, backend="onnxruntime", backend_options={"engines": engines})
+    f = orbit(avatar.config, frames=4)[1]
+    psnr = _psnr(ref.render(f.camera, f.expression), fast.render(f.camera, f.expression))
+    print(f"[onnx psnr] demo float32 {sampler} {steps}: {psnr:.1f} dB")
+    assert psnr >= 50

@@ -15,7 +15,6 @@ weights' sha256 (`export.manifest.check_manifest`); a mismatch is a ConfigError 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -39,14 +38,16 @@ class OnnxRuntimeBackend(Backend):
             string); default: on CUDA the TensorRT and CUDA providers the installed onnxruntime has, then the
             CPU provider; on the CPU the CPU provider.
         threads: ONNX Runtime's intra-op threads (default: torch's, `torch.get_num_threads()`); inter-op 1.
-        spinning: let idle pool threads spin (default: off when OMP_WAIT_POLICY=PASSIVE, as torch's are).
+        spinning: let ONNX Runtime's idle pool threads spin (default off: after each run they would spin on the
+            cores that torch's rasterising and conditioning need next; on 2 cores the demo's frame took 211 ms with
+            spinning and 101 ms without: benchmarks/results/demo-cpu-onnxruntime-runs.log, runs 3 and 4).
         check_weights: compare the weights' sha256 with the manifest's (default True).
     """
 
     name = "onnxruntime"
 
     def __init__(self, avatar, sampler, noise, device, dtype=None, *, engines=None, providers=None,
-                 threads: int | None = None, spinning: bool | None = None, check_weights: bool = True):
+                 threads: int | None = None, spinning: bool = False, check_weights: bool = True):
         super().__init__(avatar, sampler, noise, device, dtype)
         if engines is None:
             raise ConfigError("the onnxruntime backend needs an export folder: Renderer(..., backend='onnxruntime', "
@@ -72,8 +73,6 @@ class OnnxRuntimeBackend(Backend):
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if spinning is None:
-            spinning = os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.sessions, self._outputs = {}, {}
         for name in NEEDED:
