@@ -51,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--raster", default="torch", choices=["torch", "nvdiffrast"], help="rasteriser (default: torch)")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a("--out", default=None, help="results file stem (default: benchmarks/results/<avatar>-<device>)")
+    a("--engines", default=None, help="export folder of the onnxruntime backend (`avatar export --to onnx`)")
 
 
 def synthetic_mesh(faces: int = 100_000, variant: int = 0, canonical_dims: int = 5):

@@ -87,7 +87,8 @@ def registry_case(avatar, frames, device, backend, dtype, steps, args) -> dict:
 
     t0 = time.perf_counter()
     renderer = Renderer(avatar, device=device, sampler=args.sampler, steps=steps, dtype=dtype,
-                        raster_backend=args.raster, backend=backend)
+                        raster_backend=args.raster, backend=backend,
+                        backend_options={"engines": args.engines} if backend == "onnxruntime" else None)
     with torch.no_grad():
         time_frame(renderer, frames[0], StageTimer(device))  # warm-up
         first = (time.perf_counter() - t0) * 1e3

@@ -28,6 +28,7 @@ COMMANDS = {
     "drive": ("engine.live.drive", "drive an avatar from a video or a webcam (expression transfer)"),
     "fit-driver": ("engine.live.fit", "fit the tracker-to-code map of an avatar on its training frames"),
     "serve": ("engine.live.server", "serve the browser viewer and the code-stream WebSocket"),
+    "export": ("export.command", "export an avatar's networks as ONNX graphs (for --backend onnxruntime)"),
 }
 
 
@@ -42,6 +43,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--alpha", action="store_true", help="RGBA PNG frames with the head mask as alpha")
     p.add_argument("--fps", type=positive_int, default=24, help="video frame rate (default: 24)")
     p.add_argument("--sheet", default=None, help="also write a PNG contact sheet of 16 evenly spaced frames")
+    p.add_argument("--engines", default=None, help="the export folder (`avatar export`) of --backend onnxruntime, "
+                   "which --engines implies")
     add_render_options(p)
 
     p = sub.add_parser("info", help="describe an avatar: config, parameter counts, channel layout")
@@ -71,6 +74,7 @@ def cmd_render(args) -> None:
     from tqdm import tqdm
 
     from .avatars import load_avatar, resolve_avatar
+    from .errors import ConfigError
     from .files import check_writable
     from .renderer import Renderer
     from .sequence import read_sequence
@@ -81,10 +85,15 @@ def cmd_render(args) -> None:
     sheet = []
     if args.sheet:
         check_writable(args.sheet, "the contact sheet")
+    if args.engines and args.backend not in (None, "onnxruntime"):
+        raise ConfigError(f"--engines is for --backend onnxruntime, not {args.backend}; drop one of them")
     with FrameWriter(args.out, fps=args.fps, alpha=args.alpha) as writer:
-        renderer = Renderer(load_avatar(args.avatar, device=args.device), device=args.device, sampler=args.sampler,
-                            steps=args.steps, seed=args.seed, dtype=args.dtype, raster_backend=args.raster,
-                            backend=args.backend)
+        # The avatar stays on the CPU: the Renderer puts on the device what its backend needs (a half-precision
+        # backend then never holds the float32 networks there too).
+        renderer = Renderer(load_avatar(args.avatar), device=args.device, sampler=args.sampler, steps=args.steps,
+                            seed=args.seed, dtype=args.dtype, raster_backend=args.raster,
+                            backend=args.backend or ("onnxruntime" if args.engines else None),
+                            backend_options={"engines": args.engines} if args.engines else None)
         for i, image in enumerate(tqdm(renderer.stream(frames, alpha=args.alpha), total=len(frames), desc="render",
                                        unit="frame")):
             writer.write(image)

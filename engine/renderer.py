@@ -84,9 +84,9 @@ class Renderer:
             half weights in `compiled`), or their names; default: the avatar's weight dtype when it is a half type,
             else the backend's (float32 for the reference, float16 for `compiled`).
         raster_backend: "torch" (reference, any device) or "nvdiffrast" (CUDA).
-        backend: a registered backend name ("reference", "compiled", ...); default: `compiled` on CUDA (one CUDA
-            graph per frame), `reference` elsewhere. backend_options: keywords for the backend (e.g. `compiled`'s
-            decoder="tiny", parallel_controlnet=True).
+        backend: a registered backend name ("reference", "compiled", "onnxruntime", ...); default: `compiled` on
+            CUDA (one CUDA graph per frame), `reference` elsewhere. backend_options: keywords for the backend (e.g.
+            `{"engines": DIR}` for "onnxruntime", `compiled`'s decoder="tiny", parallel_controlnet=True).
     Inputs are checked before anything is rendered: a camera that sees nothing of the head (beyond the far plane,
     behind the camera, outside the image) is an InputError. A camera or code outside what the avatar was trained
     on (`config.trained_on`; cameras from `VIEW_MARGIN_DEG` / `DISTANCE_MARGIN` beyond it) gives one

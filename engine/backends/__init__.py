@@ -31,6 +31,7 @@ from ..sampling import FixedNoise, Sampler, denoise
 _BACKENDS: dict[str, str] = {
     "reference": "engine.backends.reference:ReferenceBackend",
     "compiled": "engine.backends.compiled:CompiledBackend",
+    "onnxruntime": "engine.backends.onnxruntime:OnnxRuntimeBackend",
 }
 
 
