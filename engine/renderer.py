@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from .backends import backend_class, copy_module, default_backend
-from .config import CODE_SLACK
 from .devices import resolve_device
 from .errors import BackendError, ConfigError, InputError, RangeWarning
 from .frame import Frame, as_codes, check_output_type, check_visible, to_output
@@ -37,6 +36,7 @@ from .heads import code_range
 from .model import Avatar
 from .raster import rasterize
 from .sampling import FixedNoise, NoiseSchedule, make_sampler
+from .trained_on import CODE_SLACK
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # A camera warns (RangeWarning) this far outside the avatar's recorded view range (`AvatarConfig.trained_on`).

@@ -8,12 +8,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import engine.model
-from engine.config import AvatarConfig, TrainedOn, from_preset
+from engine.config import AvatarConfig, from_preset
 from engine.errors import CheckpointError, ConfigError, InputError
 from engine.geometry import Mesh
 from engine.heads import builtin_head_mesh
 from engine.model import Avatar
 from engine.orbit import orbit_camera
+from engine.trained_on import TrainedOn
 
 TINY = from_preset("tiny")
 R, C = TINY.conditioning.texture_resolution, TINY.conditioning.texture_channels

@@ -131,7 +131,7 @@ def test_held_out_cameras_are_not_rig_cameras():
 
 def test_held_out_frames_follow_the_recorded_rig():
     """The held-out cameras are placed between the avatar's own training cameras (its `trained_on.rig`)."""
-    from engine.config import TrainedOn
+    from engine.trained_on import TrainedOn
     from engine.evaluation.held_out import synthetic_frames, training_rig
     from engine.orbit import orbit_angles, orbit_camera
 

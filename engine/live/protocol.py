@@ -56,6 +56,7 @@ import numpy as np
 from ..errors import AvatarError, InputError
 from ..geometry import Camera
 from ..orbit import DEFAULT_FOV_DEG, orbit_camera
+from ..trained_on import CAMERA_KEYS
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
@@ -65,7 +66,6 @@ ORBIT_DEFAULTS = {"yaw": 0.0, "pitch": 0.0, "distance": 1.0, "fov": DEFAULT_FOV_
 # (low, high) per orbit field: pitch stops short of the poles (look_at's up vector), distance keeps the head
 # inside the conditioning's [znear, zfar] = [0.1, 2] m depth range.
 ORBIT_RANGES = {"yaw": (-180.0, 180.0), "pitch": (-80.0, 80.0), "distance": (0.3, 1.8), "fov": (5.0, 90.0)}
-CAMERA_KEYS = ("R", "t", "fx", "fy", "cx", "cy", "width", "height")
 _HEADER = struct.Struct(">I")
 _FIELDS = {
     "render": {"type", "id", "code", "camera", "steps", "backend"},

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import AvatarConfig, TrainedOn
+from ..config import AvatarConfig
 from ..errors import ConfigError, FormatError
+from ..trained_on import TrainedOn
 
 SYNTHETIC_HEAD = "synthetic"  # head model spec of avatars trained on synthetic data (engine.data.synthetic)
 
