@@ -131,9 +131,9 @@ def test_held_out_cameras_are_not_rig_cameras():
 
 def test_held_out_frames_follow_the_recorded_rig():
     """The held-out cameras are placed between the avatar's own training cameras (its `trained_on.rig`)."""
-    from engine.trained_on import TrainedOn
     from engine.evaluation.held_out import synthetic_frames, training_rig
     from engine.orbit import orbit_angles, orbit_camera
+    from engine.trained_on import TrainedOn
 
     def with_rig(rig):
         record = TrainedOn(azimuth_deg=(0.0, 0.0), elevation_deg=(0.0, 0.0), distance=(1.0, 1.0),
