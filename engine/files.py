@@ -9,6 +9,7 @@ fails. So a reader never sees a half-written file, and an interrupted write leav
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import zipfile
@@ -123,6 +124,15 @@ def read_npz(path: str | os.PathLike, fix: str) -> dict[str, np.ndarray]:
             return {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise FormatError(f"{path} is not a readable .npz ({e}); {fix}") from e
+
+
+def read_json(path: str | Path, fix: str, error: type[Exception] = FormatError):
+    """The JSON document in `path`; `error` (FormatError by default) naming the file, the reason and `fix` when it
+    cannot be read or parsed."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path} is not readable JSON ({e}); {fix}") from e
 
 
 def check_state_dict(expected: dict, got: dict, source: str) -> None:

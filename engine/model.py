@@ -23,7 +23,7 @@ from .config import AvatarConfig, from_preset
 from .devices import resolve_device
 from .errors import CheckpointError, ConfigError, InputError
 from .expression import TOKENS_KWARG, add_expression_attention, expression_attention_paths
-from .files import atomic_path, check_state_dict, write_atomic
+from .files import atomic_path, check_state_dict, read_json, write_atomic
 from .init import seeded_init, training_init
 
 FORMAT = "diffusion-avatars-engine/avatar"
@@ -302,10 +302,7 @@ def read_config(folder: Path) -> AvatarConfig:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; pass a folder written by Avatar.save_pretrained "
                               f"(it holds {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not readable JSON ({e}); save the avatar again") from e
+    data = read_json(path, "save the avatar again", CheckpointError)
     if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
         raise CheckpointError(f"{path} is not an avatar config (its 'format' is not {FORMAT!r}); "
                               "pass a folder written by Avatar.save_pretrained")

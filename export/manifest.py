@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from engine.errors import CheckpointError, ConfigError, FormatError
-from engine.files import write_atomic
+from engine.files import read_json, write_atomic
 
 FORMAT = "diffusion-avatars-engine/export"
 VERSION = 1
@@ -67,10 +67,7 @@ def read_manifest(folder: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{folder} has no {MANIFEST}, so it is not an export folder; write one with "
                               "`avatar export --avatar A --to onnx --out DIR`")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path} is not readable JSON ({e}); export again") from e
+    data = read_json(path, "export again")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise FormatError(f"{path} is not an export manifest (its 'format' is not {FORMAT!r}); export again")
     if not isinstance(data.get("version"), int) or data["version"] > VERSION:

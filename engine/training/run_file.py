@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError, FormatError
-from ..files import write_atomic
+from ..files import read_json, write_atomic
 from .loop import AVATAR, latest_checkpoint
 
 RUN_FILE = "train.json"
@@ -32,10 +32,7 @@ def read_run(out: Path) -> dict:
     path = out / RUN_FILE
     if not path.is_file():
         raise ConfigError(f"{path} is missing: {out} is not a training run; start one without --resume")
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path} is not readable JSON ({e}); start a new run") from e
+    doc = read_json(path, "start a new run")
     if not isinstance(doc, dict) or doc.get("format") != RUN_FORMAT:
         raise FormatError(f"{path} is not a training-run file (format {RUN_FORMAT!r}); start a new run")
     if not (out / AVATAR).is_dir():
