@@ -104,7 +104,7 @@ class _StepConsts:
 class Sampler:
     """What every sampler offers: `name`, `needs_noise`, `num_steps`, `timesteps` (LongTensor `[N]`, CPU,
     descending), `step(i, model_output, sample, noise=None) -> StepOutput` (the reference, diffusers' order of
-    operations) and `coefficients(i)` (the same step as one linear form, for fused backends)."""
+    operations)."""
 
     name = ""
     needs_noise = False
@@ -128,12 +128,6 @@ class Sampler:
             return k.sqrt_a * sample - k.sqrt_b * model_output
         return (sample - k.sqrt_b * model_output) / k.sqrt_a
 
-    def _x0_linear(self, k: _StepConsts) -> tuple[float, float]:
-        """pred x0 = p * sample + q * model_output (float64 arithmetic on the float32 constants)."""
-        if self.prediction_type == "v_prediction":
-            return k.sqrt_a, -k.sqrt_b
-        return 1.0 / k.sqrt_a, -k.sqrt_b / k.sqrt_a
-
     def _check_index(self, i: int) -> _StepConsts:
         if not 0 <= i < self.num_steps:
             raise InputError(f"step index {i} is outside 0..{self.num_steps - 1} of this {self.num_steps}-step sampler")
@@ -142,9 +136,6 @@ class Sampler:
     def step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, noise=None) -> StepOutput:
         raise NotImplementedError
 
-    def coefficients(self, i: int) -> tuple[float, float, float]:
-        """Step `i` as prev = a * sample + b * model_output + c * noise; returns (a, b, c) python floats."""
-        raise NotImplementedError
 
 
 class DDPMSampler(Sampler):
@@ -186,10 +177,6 @@ class DDPMSampler(Sampler):
             prev = prev + k.sigma * noise
         return StepOutput(prev, pred_x0)
 
-    def coefficients(self, i: int) -> tuple[float, float, float]:
-        k = self._check_index(i)
-        p, q = self._x0_linear(k)
-        return k.x0_coef * p + k.xt_coef, k.x0_coef * q, k.sigma
 
 
 class DDIMSampler(Sampler):
@@ -227,12 +214,6 @@ class DDIMSampler(Sampler):
         prev = k.x0_coef * pred_x0 + k.xt_coef * pred_eps
         return StepOutput(prev, pred_x0)
 
-    def coefficients(self, i: int) -> tuple[float, float, float]:
-        k = self._check_index(i)
-        p, q = self._x0_linear(k)
-        # pred eps = e_s * sample + e_m * model_output
-        e_s, e_m = (k.sqrt_b, k.sqrt_a) if self.prediction_type == "v_prediction" else (0.0, 1.0)
-        return k.x0_coef * p + k.xt_coef * e_s, k.x0_coef * q + k.xt_coef * e_m, 0.0
 
 
 SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler}
