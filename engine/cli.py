@@ -68,13 +68,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def cmd_render(args) -> None:
-    """Every input and output is checked before the first frame: the whole sequence against the avatar, the weights
-    (`Avatar.from_pretrained`), and that --out and --sheet can be written. The sheet is written before the video or
+    """Every input and output is checked before the first frame: the whole sequence against the avatar (codes, and
+    that every camera sees the head: `Renderer.check_frames`), the weights (`Avatar.from_pretrained`), and that
+    --out and --sheet can be written. The sheet is written before the video or
     frame folder is renamed into place, so a failure leaves neither."""
     from tqdm import tqdm
 
     from .avatars import load_avatar, resolve_avatar
-    from .errors import ConfigError
+    from .errors import ConfigError, InputError
     from .files import check_writable
     from .renderer import Renderer
     from .sequence import read_sequence
@@ -87,13 +88,17 @@ def cmd_render(args) -> None:
         check_writable(args.sheet, "the contact sheet")
     if args.engines and args.backend not in (None, "onnxruntime"):
         raise ConfigError(f"--engines is for --backend onnxruntime, not {args.backend}; drop one of them")
+    # The avatar stays on the CPU: the Renderer puts on the device what its backend needs (a half-precision backend
+    # then never holds the float32 networks there too).
+    renderer = Renderer(load_avatar(args.avatar), device=args.device, sampler=args.sampler, steps=args.steps,
+                        seed=args.seed, dtype=args.dtype, raster_backend=args.raster,
+                        backend=args.backend or ("onnxruntime" if args.engines else None),
+                        backend_options={"engines": args.engines} if args.engines else None)
+    try:
+        renderer.check_frames(frames)
+    except InputError as e:
+        raise InputError(f"{args.sequence}: {e}") from None
     with FrameWriter(args.out, fps=args.fps, alpha=args.alpha) as writer:
-        # The avatar stays on the CPU: the Renderer puts on the device what its backend needs (a half-precision
-        # backend then never holds the float32 networks there too).
-        renderer = Renderer(load_avatar(args.avatar), device=args.device, sampler=args.sampler, steps=args.steps,
-                            seed=args.seed, dtype=args.dtype, raster_backend=args.raster,
-                            backend=args.backend or ("onnxruntime" if args.engines else None),
-                            backend_options={"engines": args.engines} if args.engines else None)
         for i, image in enumerate(tqdm(renderer.stream(frames, alpha=args.alpha), total=len(frames), desc="render",
                                        unit="frame")):
             writer.write(image)

@@ -20,6 +20,7 @@ import engine.renderer
 from engine.cli import main
 from engine.command_options import device
 from engine.errors import BackendError, CheckpointError, InputError
+from engine.geometry import Camera
 from engine.model import Avatar
 from engine.sequence import orbit, write_sequence
 from engine.video import FrameWriter
@@ -232,6 +233,16 @@ def test_a_bad_frame_47_of_48_is_found_before_rendering(tmp_path, capsys, no_ren
     line = _error(["render", "--avatar", "tiny", "--sequence", str(path), "--out", str(tmp_path / "o.mp4")], capsys)
     assert "frame 47 of 48: \"expression\" must be a non-empty list of finite numbers" in line
     assert _listing(tmp_path) == ["long.json"]
+
+
+def test_a_camera_beyond_the_far_plane_is_found_before_rendering(tmp_path, capsys, no_rendering):
+    frames = orbit(Avatar.from_preset("tiny").config, frames=4)
+    frames[2].camera = Camera.look_at(eye=(0, 0, 3.0), target=(0, 0, 0), fov_deg=16, width=128, height=128)
+    path = write_sequence(tmp_path / "far.json", frames)
+    line = _error(["render", "--avatar", "tiny", "--sequence", str(path), "--out", str(tmp_path / "o.mp4")], capsys)
+    assert f"error: {path}: frame 2: the camera sees nothing of the head: all of it lies beyond the far plane" in line
+    assert line.endswith("move the camera closer than 2 m to the head")
+    assert _listing(tmp_path) == ["far.json"]
 
 
 def _avatar_folder(work, tmp_path, edit) -> Path:
