@@ -1,4 +1,5 @@
-"""The one reader of a device name: `resolve_device("auto"|"cpu"|"cuda"|"cuda:N"|torch.device)`.
+"""The one reader of a device name, `resolve_device("auto"|"cpu"|"cuda"|"cuda:N"|torch.device)`, and of a
+precision, `resolve_dtype("float32"|"float16"|"bfloat16"|torch.dtype)` (`DTYPES`: the names).
 
 Used by `Renderer`, `Avatar.from_pretrained` and the CLI's `--device`, so every entry point refuses a malformed
 name or a GPU this machine lacks the same way (rather than, say, a safetensors error that blames the file).
@@ -11,6 +12,7 @@ import torch
 from .errors import BackendError, ConfigError
 
 DEVICES = "auto (CUDA when present, else cpu), cpu, cuda or cuda:N"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(device: str | torch.device = "auto", allow_meta: bool = False) -> torch.device:
@@ -35,3 +37,13 @@ def resolve_device(device: str | torch.device = "auto", allow_meta: bool = False
             raise BackendError(f"{str(resolved)!r} does not exist: this machine has {count} CUDA device(s), "
                                f"cuda:0 to cuda:{count - 1} (pick one of them, or auto)")
     return resolved
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ConfigError(f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
+    return dtype

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .backends import backend_class, copy_module, default_backend
-from .devices import resolve_device
+from .devices import resolve_device, resolve_dtype
 from .errors import BackendError, ConfigError, InputError, RangeWarning
 from .frame import Frame, as_codes, check_output_type, check_visible, to_output
 from .geometry import Camera, Mesh
@@ -38,7 +38,6 @@ from .raster import rasterize
 from .sampling import FixedNoise, NoiseSchedule, make_sampler
 from .trained_on import CODE_SLACK
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # A camera warns (RangeWarning) this far outside the avatar's recorded view range (`AvatarConfig.trained_on`).
 # Measured on the demo avatar (DDIM 8, 4 codes, frame PSNR against the synthetic head's ground truth): in-range
 # views off its rig score ~30 dB; 4 deg beyond its azimuth range -1.5 dB, 9 deg -2.6, 19 deg (azimuth 60) -6.2,
@@ -46,16 +45,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # -0.7 dB, 10 % -2.5 to -3. The warning starts where the loss passes about 1.5 to 2 dB.
 VIEW_MARGIN_DEG, DISTANCE_MARGIN = 5.0, 0.05
 _VIEW = {"azimuth_deg": ("azimuth", "deg"), "elevation_deg": ("elevation", "deg"), "distance": ("distance", "m")}
-
-
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-        return DTYPES[dtype]
-    if dtype not in DTYPES.values():
-        raise ConfigError(f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
-    return dtype
 
 
 def weight_dtype(avatar: Avatar) -> torch.dtype:

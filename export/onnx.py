@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.devices import DTYPES
 from engine.errors import BackendError, ConfigError
 from engine.files import FILE_MODE
 
 from .graphs import GRAPHS, OUTPUTS, example_inputs, graph_module, output_shape
 from .manifest import MANIFEST, avatar_facts, write_manifest
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MIN_OPSET = 18
 BF16_OPSET = 22  # the first opset whose Conv (and most arithmetic) accepts bfloat16
 EXTERNAL_BYTES = 1 << 30  # weights past 1 GiB go to external data (protobuf caps a file at 2 GB)

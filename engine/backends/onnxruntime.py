@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..devices import DTYPES
 from ..errors import BackendError, CheckpointError, ConfigError, InputError
 from . import Backend
 
 NEEDED = ("conditioning", "denoiser", "decoder")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
