@@ -124,7 +124,8 @@ def main(argv=None) -> None:
     names = args.names.split(",") if args.names else [Path(d).name for d in args.fp32]
     from importlib.metadata import version
 
-    versions = {k: version(k) for k in ("nvidia-modelopt", "onnx", "onnxruntime")} | {"python": platform.python_version()}
+    versions = {k: version(k) for k in ("nvidia-modelopt", "onnx", "onnxruntime")}
+    versions["python"] = platform.python_version()
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for name, fp32, fp16 in zip(names, args.fp32, args.fp16):

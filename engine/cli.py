@@ -28,7 +28,8 @@ COMMANDS = {
     "drive": ("engine.live.drive", "drive an avatar from a video or a webcam (expression transfer)"),
     "fit-driver": ("engine.live.fit", "fit the tracker-to-code map of an avatar on its training frames"),
     "serve": ("engine.live.server", "serve the browser viewer and the code-stream WebSocket"),
-    "export": ("export.command", "export an avatar's networks as ONNX graphs (for --backend onnxruntime)"),
+    "export": ("export.command", "export an avatar's networks as ONNX graphs (for --backend onnxruntime) or "
+               "TensorRT engines (--backend tensorrt)"),
 }
 
 
@@ -44,7 +45,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--fps", type=positive_int, default=24, help="video frame rate (default: 24)")
     p.add_argument("--sheet", default=None, help="also write a PNG contact sheet of 16 evenly spaced frames")
     p.add_argument("--engines", default=None, help="the export folder (`avatar export`) of --backend onnxruntime, "
-                   "which --engines implies")
+                   "which --engines implies, or of --backend tensorrt")
     add_render_options(p)
 
     p = sub.add_parser("info", help="describe an avatar: config, parameter counts, channel layout")
@@ -86,8 +87,8 @@ def cmd_render(args) -> None:
     sheet = []
     if args.sheet:
         check_writable(args.sheet, "the contact sheet")
-    if args.engines and args.backend not in (None, "onnxruntime"):
-        raise ConfigError(f"--engines is for --backend onnxruntime, not {args.backend}; drop one of them")
+    if args.engines and args.backend not in (None, "onnxruntime", "tensorrt"):
+        raise ConfigError(f"--engines is for --backend onnxruntime or tensorrt, not {args.backend}; drop one of them")
     # The avatar stays on the CPU: the Renderer puts on the device what its backend needs (a half-precision backend
     # then never holds the float32 networks there too).
     renderer = Renderer(load_avatar(args.avatar), device=args.device, sampler=args.sampler, steps=args.steps,

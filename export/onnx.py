@@ -71,7 +71,7 @@ def export_onnx(avatar, out: str | os.PathLike, dtype: str = "float32", batch: i
         raise ConfigError(f"export traces the networks on the CPU, but this avatar is on {device}; load it with "
                           "device='cpu' (it has no weights on 'meta')")
     out = Path(out)
-    tmp = _temporary_folder(out)
+    tmp = temporary_folder(out)
     try:
         entries = {}
         for name in graphs:
@@ -86,14 +86,14 @@ def export_onnx(avatar, out: str | os.PathLike, dtype: str = "float32", batch: i
             timespec="seconds"), "dtype": dtype, "batch": batch, "opset": opset, "avatar": avatar_facts(avatar),
             "graphs": entries, "versions": _versions()}
         write_manifest(tmp, manifest)
-        _replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
 
 
-def _temporary_folder(out: Path) -> Path:
+def temporary_folder(out: Path) -> Path:
     """A new hidden folder beside `out`; ConfigError when `out` cannot be written or holds something else."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the graphs")
@@ -109,7 +109,7 @@ def _temporary_folder(out: Path) -> Path:
         raise ConfigError(f"cannot write the export to {out} ({e}); give a writable --out folder") from e
 
 
-def _replace(tmp: Path, out: Path) -> None:
+def replace_folder(tmp: Path, out: Path) -> None:
     """Rename the finished folder `tmp` onto `out`; an earlier export (or empty folder) there is removed after."""
     old = None
     if out.exists():

@@ -7,7 +7,7 @@ its "Supported Types" column (which names the data operand's types). TensorRT 11
 (https://docs.nvidia.com/deeplearning/tensorrt/latest/reference/onnx-opset-guide.html), pointing at the same list.
 
 `graph_problems(model)` lists what a build would trip on (an operator outside the list, a data type the operator
-does not take, an opset outside the documented range, a non-static input or output shape, an untyped tensor);
+does not take, a non-static input or output shape, an untyped tensor), `opset_problem` an opset outside the range;
 `precision_problems(model, dtype)` what a strongly typed build would compute in another precision than the export
 asked for: a strongly typed network takes every tensor's type from the graph (the builder's precision flags are
 gone in TensorRT 11), so the graph must already say float32 everywhere, or half precision where it should.
@@ -82,14 +82,20 @@ def _operand(node) -> str:
     return node.input[0] if node.input and node.input[0] else node.output[0]
 
 
-def graph_problems(model, tensorrt_major: int = 10) -> list[str]:
-    """What TensorRT `tensorrt_major`'s documented ONNX support does not cover in `model` (an onnx.ModelProto);
-    empty when nothing."""
-    problems = []
+def opset_problem(model, tensorrt_major: int) -> str | None:
+    """Why `model`'s opset is outside the range TensorRT `tensorrt_major`.x documents, or None. (A later 10.x parser
+    may take more than the 10.1 page says: the build warns, the parser decides.)"""
     low, high = OPSETS.get(tensorrt_major, OPSETS[max(OPSETS)])
     version = opset(model)
-    if not low <= version <= high:
-        problems.append(f"opset {version} is outside {low}..{high}, the range TensorRT {tensorrt_major}.x documents")
+    if low <= version <= high:
+        return None
+    return f"opset {version} is outside {low}..{high}, the range documented for TensorRT {tensorrt_major}.x"
+
+
+def graph_problems(model) -> list[str]:
+    """What TensorRT's documented ONNX support (`SUPPORTED`) does not cover in `model` (an onnx.ModelProto), and
+    inputs or outputs without a static shape; empty when nothing."""
+    problems = []
     types = tensor_types(model)
     for n in model.graph.node:
         if n.domain not in ("", "ai.onnx"):
@@ -119,8 +125,8 @@ def compute_types(model) -> dict[str, Counter]:
 def precision_problems(model, dtype: str) -> list[str]:
     """Where a strongly typed build of `model` would not compute as an export in `dtype` ("float32", "float16",
     "bfloat16") should: float32 graphs hold no half or double tensor; half-precision graphs run every Conv /
-    ConvTranspose and at least half the Gemm / MatMul nodes in that half type (the time embedding's Gemms and the attention
-    logits' MatMuls are float32 by design, `export.graphs`), every Softmax and normalisation in float32, and
+    ConvTranspose and at least half the Gemm / MatMul nodes in that half type (the time embedding's Gemms and the
+    attention logits' MatMuls are float32 by design, `export.graphs`), every Softmax and normalisation in float32, and
     nothing in the other half type or double. Inputs and outputs are float32 either way (the backend binds
     float32 buffers). The tokens graph is float32 in every export: check it with dtype "float32"."""
     problems, ops = [], compute_types(model)

@@ -32,6 +32,7 @@ _BACKENDS: dict[str, str] = {
     "reference": "engine.backends.reference:ReferenceBackend",
     "compiled": "engine.backends.compiled:CompiledBackend",
     "onnxruntime": "engine.backends.onnxruntime:OnnxRuntimeBackend",
+    "tensorrt": "engine.backends.tensorrt:TensorRTBackend",
 }
 
 
