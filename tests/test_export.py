@@ -194,7 +194,7 @@ def test_cli_export_errors(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     cases = [
-        (["--avatar", "tiny", "--to", "tensorrt", "--out", str(tmp_path / "t")], "not yet available"),
+        (["--avatar", "tiny", "--to", "tensorrt", "--out", str(tmp_path / "t")], "--to tensorrt needs --onnx DIR"),
         (["--avatar", "tiny", "--to", "onnx", "--out", str(blocker / "sub")], "cannot write the export"),
         (["--avatar", "tiny", "--to", "onnx", "--out", str(blocker)], "is a file"),
         (["--avatar", str(tmp_path), "--to", "onnx", "--out", str(tmp_path / "u")], "config.json is missing"),
