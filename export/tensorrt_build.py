@@ -131,6 +131,8 @@ def build_engines(onnx_dir, out, *, timing_cache=None, workspace_gib: float | No
     log = log or (lambda line: None)
     trt = load_tensorrt()
     source, out = Path(onnx_dir), Path(out)
+    if out.resolve() == source.resolve():
+        raise ConfigError(f"--out {out} is the --onnx folder: the engines would replace the graphs; give another --out")
     onnx_manifest = read_manifest(source)
     if onnx_manifest.get("target") != "onnx":
         raise ConfigError(f"--onnx {source} holds a {onnx_manifest.get('target')!r} export, not ONNX graphs; give the "
@@ -138,19 +140,28 @@ def build_engines(onnx_dir, out, *, timing_cache=None, workspace_gib: float | No
     graphs = onnx_manifest["graphs"]
     _check_graphs(source, graphs, onnx_manifest["dtype"], tensorrt_major(trt), log)
     gpu, capability = current_gpu(device)
-    earlier = _earlier(out)
+    earlier = (_earlier(out) or {}).get("graphs", {})
     cache_file = Path(timing_cache) if timing_cache else out / TIMING_CACHE
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    cache = _timing_cache(builder, cache_file, log)
+    builder = _Builder(trt, cache_file, workspace_gib, log)
     tmp = temporary_folder(out)
     try:
         entries = {}
         for name, graph in graphs.items():
             key = EngineKey(graph_sha256(source, graph), gpu, capability, str(trt.__version__))
-            entries[name] = _engine(trt, builder, logger, cache, source, graph, name, key, earlier, out, tmp,
-                                    workspace_gib, rebuild, log)
-        data = bytes(cache.serialize())
+            old, plan, t0 = earlier.get(name), tmp / f"{name}.plan", time.perf_counter()
+            why = "asked to rebuild" if rebuild else "no earlier engine" if old is None else _stale(old, key, out)
+            if why is None:
+                shutil.copy2(out / old["file"], plan)
+                log(f"{name}: kept {old['file']} (same graph, GPU and TensorRT)")
+            else:
+                plan.write_bytes(builder.build(source / graph["file"]))
+                log(f"{name}: built {plan.name} ({plan.stat().st_size / 2**20:.1f} MiB) in "
+                    f"{time.perf_counter() - t0:.1f} s ({why})")
+            entries[name] = {"file": plan.name, "external_data": None, "bytes": plan.stat().st_size,
+                             "engine_sha256": file_sha256(plan), "onnx_file": graph["file"], "key": key.to_dict(),
+                             "inputs": graph["inputs"], "outputs": graph["outputs"], "kept": why is None,
+                             "build_s": None if why is None else round(time.perf_counter() - t0, 2)}
+        data = builder.timing_cache()
         if timing_cache:
             write_atomic(cache_file, data)
         else:
@@ -197,36 +208,42 @@ def _earlier(out: Path) -> dict | None:
     return manifest if manifest.get("target") == "tensorrt" else None
 
 
-def _timing_cache(builder, path: Path, log):
-    """The builder's timing cache, loaded from `path` when it holds one TensorRT accepts."""
-    config = builder.create_builder_config()
-    data = path.read_bytes() if path.is_file() else b""
-    cache = config.create_timing_cache(data)
-    if data and not config.set_timing_cache(cache, False):
-        log(f"the timing cache {path} is from another TensorRT version or GPU: starting a new one")
-        cache = config.create_timing_cache(b"")
-    elif data:
-        log(f"timing cache: {path} ({len(data) / 2**10:.0f} KiB)")
-    return cache
+class _Builder:
+    """One `trt.Builder` and the timing cache its builds share (loaded from `cache_file` when TensorRT accepts it)."""
 
+    def __init__(self, trt, cache_file: Path, workspace_gib: float | None, log):
+        self.trt, self.workspace_gib = trt, workspace_gib
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.builder = trt.Builder(self.logger)
+        config = self.builder.create_builder_config()
+        data = cache_file.read_bytes() if cache_file.is_file() else b""
+        self.cache = config.create_timing_cache(data)
+        if data and not config.set_timing_cache(self.cache, False):
+            log(f"the timing cache {cache_file} is from another TensorRT version or GPU: starting a new one")
+            self.cache = config.create_timing_cache(b"")
+        elif data:
+            log(f"timing cache: {cache_file} ({len(data) / 2**10:.0f} KiB)")
 
-def _engine(trt, builder, logger, cache, source, graph, name, key, earlier, out, tmp, workspace_gib, rebuild,
-            log) -> dict:
-    """Keep the earlier engine of `name` when it is valid for `key`, else build it; returns its manifest entry."""
-    plan = tmp / f"{name}.plan"
-    old = (earlier or {}).get("graphs", {}).get(name)
-    why = "asked to rebuild" if rebuild else "no earlier engine" if old is None else _stale(old, key, out)
-    t0 = time.perf_counter()
-    if why is None:
-        shutil.copy2(out / old["file"], plan)
-        log(f"{name}: kept {old['file']} (same graph, GPU and TensorRT)")
-    else:
-        plan.write_bytes(_build(trt, builder, logger, cache, source / graph["file"], workspace_gib))
-        log(f"{name}: built {plan.name} ({plan.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s "
-            f"({why})")
-    return {"file": plan.name, "external_data": None, "bytes": plan.stat().st_size, "engine_sha256": file_sha256(plan),
-            "onnx_file": graph["file"], "key": key.to_dict(), "inputs": graph["inputs"], "outputs": graph["outputs"],
-            "build_s": None if why is None else round(time.perf_counter() - t0, 2), "kept": why is None}
+    def build(self, path: Path) -> bytes:
+        """One strongly typed engine from the ONNX graph at `path`, serialized."""
+        trt = self.trt
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if tensorrt_major(trt) == 10 else 0
+        network = self.builder.create_network(flags)
+        parser = trt.OnnxParser(network, self.logger)
+        if not parser.parse_from_file(str(path)):  # reads external data beside the file
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise BackendError(f"TensorRT's ONNX parser rejects {path}: {errors}")
+        config = self.builder.create_builder_config()
+        config.set_timing_cache(self.cache, False)
+        if self.workspace_gib:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(self.workspace_gib * 2**30))
+        plan = self.builder.build_serialized_network(network, config)
+        if plan is None:
+            raise BackendError(f"TensorRT could not build an engine from {path} (its log above says why)")
+        return bytes(plan)
+
+    def timing_cache(self) -> bytes:
+        return bytes(self.cache.serialize())
 
 
 def _stale(old: dict, key: EngineKey, out: Path) -> str | None:
@@ -235,21 +252,3 @@ def _stale(old: dict, key: EngineKey, out: Path) -> str | None:
     if why is None and file_sha256(out / old["file"]) != old.get("engine_sha256"):
         why = f"{old['file']} changed since it was built (sha256 differs from the manifest's)"
     return why
-
-
-def _build(trt, builder, logger, cache, path: Path, workspace_gib) -> bytes:
-    """One strongly typed engine from the ONNX graph at `path`, serialized."""
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if tensorrt_major(trt) == 10 else 0
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(path)):  # reads external data beside the file
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise BackendError(f"TensorRT's ONNX parser rejects {path}: {errors}")
-    config = builder.create_builder_config()
-    config.set_timing_cache(cache, False)
-    if workspace_gib:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise BackendError(f"TensorRT could not build an engine from {path} (its log above says why)")
-    return bytes(plan)

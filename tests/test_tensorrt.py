@@ -191,6 +191,8 @@ def test_build_refuses_graphs_a_strongly_typed_build_would_get_wrong(exports, fa
     with pytest.raises(BackendError, match=r"decoder: a float32 graph holds \['FP16'\] tensors"):
         build_engines(mixed, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not [c for c in fake_trt.calls if c[0] == "build"]
+    with pytest.raises(ConfigError, match="is the --onnx folder"):
+        build_engines(mixed, mixed)
 
 
 # -- the backend, on the fake TensorRT ----------------------------------------------------------------------------
