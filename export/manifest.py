@@ -13,6 +13,9 @@ Format (`FORMAT`, `VERSION`):
                        "not_verified": why ONNX Runtime did not run it (or null)}},
      "versions": {"torch", "diffusers", "onnx", "onnxscript", "onnx_ir", "onnxslim", "onnxruntime" (verification),
                   "engine", "python"}}
+A TensorRT build (`export.tensorrt_build`) writes the same format with "target": "tensorrt", the ONNX manifest's
+dtype, batch, opset and avatar, and per graph the engine ("file": "denoiser.plan", "engine_sha256", "onnx_file",
+"key": {"graph_sha256", "gpu", "compute_capability", "tensorrt"}, "inputs", "outputs", "kept", "build_s").
 One writer (`write_manifest`) and one reader (`read_manifest`).
 """
 

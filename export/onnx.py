@@ -8,8 +8,8 @@ Per graph (`export.graphs`: conditioning, denoiser, decoder, tokens):
 4. `onnx.checker.check_model(path, full_check=True)` and strict shape inference (written into the file:
    every intermediate tensor has its type and static shape), then every input and output shape is checked;
 5. optionally (`verify=True`) run once in ONNX Runtime's CPU provider against the torch module on seeded inputs.
-Everything is written into a temporary folder beside `out`, renamed to `out` when complete: a failed export
-leaves nothing (and an earlier export at `out` stays as it was).
+Everything is written into a temporary folder beside `out`, renamed to `out` when complete (`staged_folder`): a
+failed export leaves nothing (and an earlier export at `out` stays as it was).
 """
 
 from __future__ import annotations
@@ -70,9 +70,7 @@ def export_onnx(avatar, out: str | os.PathLike, dtype: str = "float32", batch: i
     if device.type != "cpu":
         raise ConfigError(f"export traces the networks on the CPU, but this avatar is on {device}; load it with "
                           "device='cpu' (it has no weights on 'meta')")
-    out = Path(out)
-    tmp = temporary_folder(out)
-    try:
+    with staged_folder(Path(out)) as tmp:
         entries = {}
         for name in graphs:
             t0 = time.perf_counter()
@@ -86,14 +84,23 @@ def export_onnx(avatar, out: str | os.PathLike, dtype: str = "float32", batch: i
             timespec="seconds"), "dtype": dtype, "batch": batch, "opset": opset, "avatar": avatar_facts(avatar),
             "graphs": entries, "versions": _versions()}
         write_manifest(tmp, manifest)
-        replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
-def temporary_folder(out: Path) -> Path:
+@contextlib.contextmanager
+def staged_folder(out: Path):
+    """A new temporary folder beside `out` to write into: renamed onto `out` when the block completes (an earlier
+    export there is replaced), removed when it raises (an error, Ctrl-C): `out` is never half-written."""
+    tmp = _temporary_folder(out)
+    try:
+        yield tmp
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _temporary_folder(out: Path) -> Path:
     """A new hidden folder beside `out`; ConfigError when `out` cannot be written or holds something else."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the graphs")
@@ -109,7 +116,7 @@ def temporary_folder(out: Path) -> Path:
         raise ConfigError(f"cannot write the export to {out} ({e}); give a writable --out folder") from e
 
 
-def replace_folder(tmp: Path, out: Path) -> None:
+def _replace(tmp: Path, out: Path) -> None:
     """Rename the finished folder `tmp` onto `out`; an earlier export (or empty folder) there is removed after."""
     old = None
     if out.exists():

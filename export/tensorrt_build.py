@@ -15,7 +15,7 @@ where TensorRT cannot be installed. Per graph of the ONNX export (`avatar export
 The timing cache (`timing.cache` in `out`, or the file `timing_cache` names) is read before the first build and
 written after the last (`ITimingCache.serialize`), so later builds skip the kernel timings they share. A cache from
 another TensorRT or GPU is refused by TensorRT (`set_timing_cache(..., ignore_mismatch=False)`) and started afresh.
-Everything is written into a temporary folder renamed onto `out` when complete (`export.onnx.temporary_folder`).
+Everything is written into a temporary folder renamed onto `out` when complete (`export.onnx.staged_folder`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from engine.errors import BackendError, CheckpointError, ConfigError
 from engine.files import write_atomic
 
 from .manifest import MANIFEST, read_manifest, write_manifest
-from .onnx import replace_folder, temporary_folder
+from .onnx import staged_folder
 from .tensorrt_support import graph_dtype, graph_problems, opset_problem, precision_problems
 
 INSTALL = ("TensorRT is not installed: pip install 'diffusion-avatars-engine[tensorrt]' (TensorRT 10 or 11 with a "
@@ -143,8 +143,7 @@ def build_engines(onnx_dir, out, *, timing_cache=None, workspace_gib: float | No
     earlier = (_earlier(out) or {}).get("graphs", {})
     cache_file = Path(timing_cache) if timing_cache else out / TIMING_CACHE
     builder = _Builder(trt, cache_file, workspace_gib, log)
-    tmp = temporary_folder(out)
-    try:
+    with staged_folder(out) as tmp:
         entries = {}
         for name, graph in graphs.items():
             key = EngineKey(graph_sha256(source, graph), gpu, capability, str(trt.__version__))
@@ -174,10 +173,6 @@ def build_engines(onnx_dir, out, *, timing_cache=None, workspace_gib: float | No
                     "graphs": entries,
                     "versions": {**onnx_manifest.get("versions", {}), "tensorrt": str(trt.__version__)}}
         write_manifest(tmp, manifest)
-        replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

@@ -49,6 +49,7 @@ class FakeTensorRT(types.ModuleType):
         super().__init__("tensorrt")
         self.__version__ = version
         self.calls: list[tuple] = []
+        self.failing_graph = None  # the graph whose build returns None, as a failed TensorRT build does
         trt = self
 
         class Logger:
@@ -120,6 +121,8 @@ class FakeTensorRT(types.ModuleType):
 
             def build_serialized_network(self, network, config):
                 trt.calls.append(("build", network.graph, network.flags))
+                if network.graph == trt.failing_graph:
+                    return None
                 return json.dumps({"graph": network.graph, "io": network.io, "tensorrt": trt.__version__}).encode()
 
         class Engine:

@@ -164,7 +164,12 @@ def test_build_is_strongly_typed_keeps_valid_engines_and_the_timing_cache(export
     assert all(g["kept"] for g in again["graphs"].values()) and not [c for c in fake_trt.calls if c[0] == "build"]
     assert ("create_timing_cache", b"+") in fake_trt.calls  # the earlier build's cache was read
     assert (out / "timing.cache").read_bytes() == b"++"
-    fake_trt.__version__ = "10.9.0.1"
+    fake_trt.failing_graph, before = "decoder", sorted(p.read_bytes() for p in out.iterdir())
+    with pytest.raises(BackendError, match=r"could not build an engine from .*decoder.onnx"):
+        build_engines(exports["float16"], out, rebuild=True)
+    assert sorted(p.read_bytes() for p in out.iterdir()) == before  # the earlier build stays as it was
+    assert [p.name for p in out.parent.iterdir()] == ["engines"]  # no temporary folder left
+    fake_trt.failing_graph, fake_trt.__version__ = None, "10.9.0.1"
     (out / "decoder.plan").write_bytes(b"changed")
     rebuilt = build_engines(exports["float16"], out, log=lines.append)
     assert not any(g["kept"] for g in rebuilt["graphs"].values())
