@@ -119,6 +119,7 @@ class TensorRTBackend(Backend):
     """
 
     name = "tensorrt"
+    own_networks = ("unet", "controlnet", "vae")  # the engines hold their own weights: these stay off the device
 
     def __init__(self, avatar, sampler, noise, device, dtype=None, *, engines=None, graphs: bool = True,
                  check_weights: bool = True):
@@ -168,7 +169,8 @@ class TensorRTBackend(Backend):
             .expand(-1, self.batch).contiguous()  # [N, B]: step i copies row i into `timestep`
         self.graphs = bool(graphs)
         self._graph = None
-        self.executions: list[str] = []  # this backend's executions since the last frame began (tests, timing)
+        self.executions: list[str] = []  # the engines enqueued since the last frame began (its warm-up and capture
+        # on the first captured frame; nothing on a replay, which enqueues the captured graph)
 
     def _load(self, trt, name: str):
         entry = self.manifest["graphs"][name]
