@@ -23,6 +23,7 @@ import torch
 
 from engine.command_options import device as device_name
 from engine.devices import DEVICES
+from engine.raster import CHOICES as RASTER_CHOICES
 
 from .measure import GRAPH_BACKENDS, compiled_case, fidelity, frame_mesh, registry_case
 from .report import RESULTS, case_line, new_report, save
@@ -48,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--attention", default="flash", choices=["flash", "auto"], help="SDPA backends of the compiled backends")
     a("--compile", action="store_true", help="torch.compile the compiled backend's transformer blocks")
     a("--no-fidelity", action="store_true", help="skip the comparisons with the float32 reference")
-    a("--raster", default="torch", choices=["torch", "nvdiffrast"], help="rasteriser (default: torch)")
+    a("--raster", default="auto", choices=RASTER_CHOICES,
+      help="rasteriser (default: auto = numba on the CPU where installed, else the torch reference)")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a("--out", default=None, help="results file stem (default: benchmarks/results/<avatar>-<device>)")
     a("--engines", default=None, help="export folder of the onnxruntime backend (`avatar export --to onnx`)")

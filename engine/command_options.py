@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from .devices import DEVICES
+from .raster import CHOICES as RASTER_CHOICES
 
 AVATAR_HELP = "a preset (tiny, sd21), an avatar shipped with the package, or an avatar folder"
 
@@ -25,7 +26,8 @@ def add_render_options(p: argparse.ArgumentParser) -> None:
     add_device_option(p)
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="precision (default: the backend's: float32 for reference, float16 for compiled)")
-    p.add_argument("--raster", default="torch", choices=["torch", "nvdiffrast"], help="rasteriser (default: torch)")
+    p.add_argument("--raster", default="auto", choices=RASTER_CHOICES,
+                   help="rasteriser (default: auto = numba on the CPU where installed, else the torch reference)")
 
 
 def add_device_option(p: argparse.ArgumentParser) -> None:

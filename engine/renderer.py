@@ -34,7 +34,7 @@ from .frame import Frame, as_codes, check_output_type, check_visible, to_output
 from .geometry import Camera, Mesh
 from .heads import code_range
 from .model import Avatar
-from .raster import rasterize
+from .raster import rasterize, resolve_backend as resolve_raster_backend
 from .sampling import FixedNoise, NoiseSchedule, make_sampler
 from .trained_on import CODE_SLACK
 
@@ -72,9 +72,15 @@ class Renderer:
         dtype: torch.float32 (the fidelity reference), torch.float16 or torch.bfloat16 (autocast in the reference,
             half weights in `compiled`), or their names; default: the avatar's weight dtype when it is a half type,
             else the backend's (float32 for the reference, float16 for `compiled`).
-        raster_backend: "torch" (reference, any device) or "nvdiffrast" (CUDA).
-        backend: a registered backend name ("reference", "compiled", "onnxruntime", ...); default: `compiled` on
-            CUDA (one CUDA graph per frame), `reference` elsewhere. backend_options: keywords for the backend (e.g.
+        raster_backend: "auto" (`engine.raster.default_backend`: "numba" on the CPU where numba is installed, else
+            "torch"), "torch" (the reference, any device), "numba" (CPU) or "nvdiffrast" (CUDA).
+        condition_backend: how the conditioning image is built where the backend uses the shared one (not
+            `compiled`, which fuses it): "auto" (`engine.backends.default_conditioner`: "numba" on the CPU where numba
+            is installed, else "torch"), "torch" (`build_condition`, the reference) or "numba" (CPU).
+        backend: a registered backend name ("reference", "compiled", "onnxruntime", ...); default
+            (`engine.backends.default_backend`): `compiled` on CUDA (one CUDA graph per frame); on the CPU
+            `onnxruntime` when backend_options names an export folder ("engines"), else `reference`.
+            backend_options: keywords for the backend (e.g.
             `{"engines": DIR}` for "onnxruntime", `compiled`'s decoder="tiny", parallel_controlnet=True).
     Inputs are checked before anything is rendered: a camera that sees nothing of the head (beyond the far plane,
     behind the camera, outside the image) is an InputError. A camera or code outside what the avatar was trained
@@ -93,7 +99,8 @@ class Renderer:
         steps: int = 20,
         seed: int | None = None,
         dtype: torch.dtype | str | None = None,
-        raster_backend: str = "torch",
+        raster_backend: str = "auto",
+        condition_backend: str = "auto",
         backend: str | None = None,
         backend_options: dict | None = None,
     ):
@@ -101,7 +108,7 @@ class Renderer:
             raise ConfigError(f"Renderer needs an engine.model.Avatar, got {type(avatar).__name__}; load one with "
                               "Avatar.from_pretrained(folder) or Avatar.from_preset(name)")
         self.device = resolve_device(device, allow_meta=True)
-        backend = backend or default_backend(self.device)
+        backend = backend or default_backend(self.device, (backend_options or {}).get("engines"))
         cls, options = backend_class(backend), dict(backend_options or {})
         weights = weight_dtype(avatar)
         dtype = resolve_dtype(dtype) if dtype is not None else None if weights == torch.float32 else weights
@@ -122,8 +129,10 @@ class Renderer:
         shape = (config.vae.latent_channels, config.latent_size, config.latent_size)
         seed = config.noise_seed if seed is None else seed
         self.noise = FixedNoise(shape, self.sampler.num_steps, seed).to(self.device)
-        self.raster_backend = raster_backend
+        self.raster_backend = resolve_raster_backend(raster_backend, self.device)
         self.backend = cls(self.avatar, self.sampler, self.noise, self.device, dtype, **options)
+        if condition_backend != "auto":
+            self.backend.use_conditioner(condition_backend)
         self.dtype = self.backend.dtype
         self._warned: set[str] = set()
 

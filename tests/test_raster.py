@@ -11,6 +11,8 @@ from engine.raster import BACKENDS, RasterBuffers, rasterize
 from engine.raster.torch_raster import rasterize_torch
 
 N, F = 0.1, 2.0  # znear, zfar
+# The CPU backends: each is checked against the closed forms and brute-force ray casting below.
+CPU_BACKENDS = pytest.mark.parametrize("backend", ["torch", "numba"])
 
 
 def _depth(Z):
@@ -63,9 +65,10 @@ class TiltedQuad:
 CAM = Camera.look_at(width=64, height=48, fx=70.0)
 
 
-def test_tilted_quad_matches_ray_plane_intersection():
+@CPU_BACKENDS
+def test_tilted_quad_matches_ray_plane_intersection(backend):
     quad = TiltedQuad()
-    rb = rasterize(quad.mesh(), CAM)
+    rb = rasterize(quad.mesh(), CAM, backend=backend)
     assert rb.mask.shape == (1, 48, 64, 1) and rb.canonical.shape == (1, 48, 64, 5)
     assert all(t.dtype == torch.float32 for t in (rb.mask, rb.depth, rb.canonical, rb.normals))
     inside, amb, Z, canon, n = quad.analytic(CAM)
@@ -87,9 +90,10 @@ def test_tilted_quad_matches_ray_plane_intersection():
         assert (t[0].numpy()[off] == 0).all()
 
 
-def test_quad_straddling_zfar_is_cut_per_fragment():
+@CPU_BACKENDS
+def test_quad_straddling_zfar_is_cut_per_fragment(backend):
     quad = TiltedQuad(centre=(0.0, 0.0, -0.9), tilt_deg=75.0, a=0.4, b=0.4)  # Z from about 1.5 to 2.3
-    rb = rasterize(quad.mesh(), CAM)
+    rb = rasterize(quad.mesh(), CAM, backend=backend)
     inside, amb, Z, _, _ = quad.analytic(CAM)
     whole = quad.analytic(CAM, zfar=np.inf)[0]
     assert inside.sum() > 150 and (whole & ~inside).sum() > 50  # both parts are substantial
@@ -109,44 +113,49 @@ def _merge(*parts):
     return Mesh(torch.cat(vs), torch.cat(fs), torch.cat(cs))
 
 
-def test_nearer_triangle_occludes_farther_in_any_order():
+@CPU_BACKENDS
+def test_nearer_triangle_occludes_farther_in_any_order(backend):
     near = _facing_quad(0.2, 0.05, 1.0)  # Z = 0.8
     far = _facing_quad(-0.2, 0.2, 2.0)  # Z = 1.2
-    a = rasterize(_merge(near, far), CAM)
-    b = rasterize(_merge(far, near), CAM)
+    a = rasterize(_merge(near, far), CAM, backend=backend)
+    b = rasterize(_merge(far, near), CAM, backend=backend)
     for k in ("mask", "depth", "canonical", "normals"):
         torch.testing.assert_close(getattr(a, k), getattr(b, k), rtol=0, atol=0)
     assert a.canonical[0, 24, 32, 0] == 1.0 and abs(float(a.depth[0, 24, 32, 0]) - _depth(0.8)) < 1e-5
     assert a.canonical[0, 24, 40, 0] == 2.0 and abs(float(a.depth[0, 24, 40, 0]) - _depth(1.2)) < 1e-5
-    assert a.mask[0, ..., 0].sum() == rasterize(_merge(far), CAM).mask.sum()
+    assert a.mask[0, ..., 0].sum() == rasterize(_merge(far), CAM, backend=backend).mask.sum()
 
 
 @pytest.mark.parametrize("z", [1.5, 0.95, -1.5, -2.5])  # behind the camera, nearer than znear, beyond zfar (x2)
-def test_empty_image_outside_the_depth_range(z):
-    rb = rasterize(_merge(_facing_quad(z, 0.01 if z == 0.95 else 0.5, 1.0)), CAM)
+@CPU_BACKENDS
+def test_empty_image_outside_the_depth_range(z, backend):
+    rb = rasterize(_merge(_facing_quad(z, 0.01 if z == 0.95 else 0.5, 1.0)), CAM, backend=backend)
     for t in (rb.mask, rb.depth, rb.canonical, rb.normals):
         assert (t == 0).all()
 
 
-def test_triangle_crossing_the_camera_plane_is_dropped():
+@CPU_BACKENDS
+def test_triangle_crossing_the_camera_plane_is_dropped(backend):
     v = torch.tensor([[-0.1, -0.1, 0.5], [0.1, -0.1, 0.5], [0.0, 0.1, 1.5]])  # last vertex behind the camera
-    rb = rasterize(Mesh(v, [[0, 1, 2]], v), CAM)
+    rb = rasterize(Mesh(v, [[0, 1, 2]], v), CAM, backend=backend)
     assert rb.mask.sum() == 0
 
 
-def test_degenerate_triangles_are_harmless():
+@CPU_BACKENDS
+def test_degenerate_triangles_are_harmless(backend):
     quad = TiltedQuad()
-    base = rasterize(quad.mesh(), CAM)
+    base = rasterize(quad.mesh(), CAM, backend=backend)
     v = np.concatenate([quad.v, [[0.0, 0.0, 0.0], [0.1, 0.1, 0.05], [0.2, 0.2, 0.1]]])
     faces = [[0, 1, 2], [0, 2, 3], [0, 0, 1], [4, 5, 6], [2, 2, 2]]  # repeated vertex, collinear, a point
     mesh = Mesh(torch.tensor(v).float(), torch.tensor(faces), torch.tensor(_canon(v)).float())
-    rb = rasterize(mesh, CAM)
+    rb = rasterize(mesh, CAM, backend=backend)
     for k in ("mask", "depth", "canonical"):
         torch.testing.assert_close(getattr(rb, k), getattr(base, k), rtol=0, atol=0)
     assert torch.isfinite(rb.normals).all()
 
 
-def test_shared_edges_leave_no_holes():
+@CPU_BACKENDS
+def test_shared_edges_leave_no_holes(backend):
     # A jittered 12 x 12 grid of quads (288 triangles) in a plane: every pixel inside the outline is covered.
     g = torch.Generator().manual_seed(0)
     n = 13
@@ -160,7 +169,7 @@ def test_shared_edges_leave_no_holes():
     a, b, c, d = idx[:-1, :-1], idx[:-1, 1:], idx[1:, 1:], idx[1:, :-1]
     faces = torch.cat([torch.stack([a, b, c], -1).reshape(-1, 3), torch.stack([a, c, d], -1).reshape(-1, 3)])
     cam = Camera.look_at(width=160, height=120, fx=200.0)
-    rb = rasterize(Mesh(v, faces, v), cam)
+    rb = rasterize(Mesh(v, faces, v), cam, backend=backend)
     uv = cam.project(v.reshape(n, n, 3)[[0, -1]][:, [0, -1]].reshape(4, 3))
     u0, u1 = sorted([float(uv[:, 0].min()), float(uv[:, 0].max())])
     v0, v1 = sorted([float(uv[:, 1].min()), float(uv[:, 1].max())])
@@ -169,10 +178,11 @@ def test_shared_edges_leave_no_holes():
     assert inner.numel() > 5000 and (inner == 1).all()
 
 
-def test_covering_triangle_and_chunking():
+@CPU_BACKENDS
+def test_covering_triangle_and_chunking(backend):
     big = torch.tensor([[-50.0, -50.0, 0.0], [50.0, -50.0, 0.0], [0.0, 50.0, 0.0]])
     mesh = Mesh(big, [[0, 1, 2]], big)
-    rb = rasterize(mesh, CAM)
+    rb = rasterize(mesh, CAM, backend=backend)
     assert (rb.mask == 1).all()
     torch.testing.assert_close(rb.depth, torch.full_like(rb.depth, _depth(1.0)))
     small = rasterize_torch(mesh, CAM, max_candidates=100)
@@ -226,7 +236,8 @@ def _brute_force(mesh: Mesh, cam: Camera, normals: np.ndarray):
             canon.reshape(H, W, -1), nrm.reshape(H, W, 3))
 
 
-def test_random_triangle_soup_matches_brute_force_ray_casting():
+@CPU_BACKENDS
+def test_random_triangle_soup_matches_brute_force_ray_casting(backend):
     g = np.random.default_rng(0)
     T = 40
     centres = np.stack([g.uniform(-0.2, 0.2, T), g.uniform(-0.15, 0.15, T), g.uniform(-0.5, 0.6, T)], 1)
@@ -237,7 +248,7 @@ def test_random_triangle_soup_matches_brute_force_ray_casting():
     mesh = Mesh(torch.tensor(v).float(), torch.arange(3 * T).reshape(T, 3), canonical,
                 normals=torch.tensor(normals).float())
     cam = Camera.look_at(width=80, height=60, fx=90.0)
-    rb = rasterize(mesh, cam)
+    rb = rasterize(mesh, cam, backend=backend)
     hit, robust, depth, canon, nrm = _brute_force(Mesh(mesh.vertices.double(), mesh.faces, mesh.canonical), cam,
                                                    mesh.normals.double().numpy())
     assert robust.mean() > 0.8 and (hit & robust).sum() > 1000 and (~hit & robust).sum() > 300
@@ -249,10 +260,11 @@ def test_random_triangle_soup_matches_brute_force_ray_casting():
     np.testing.assert_allclose(rb.normals[0].numpy()[on], nrm[on], atol=5e-5)
 
 
-def test_builtin_head_buffers_are_sane():
+@CPU_BACKENDS
+def test_builtin_head_buffers_are_sane(backend):
     head = builtin_head_mesh()
     cam = Camera.look_at(width=128, height=128)
-    rb = rasterize(head, cam)
+    rb = rasterize(head, cam, backend=backend)
     m = rb.mask[0, ..., 0] > 0.5
     assert 0.1 < m.float().mean() < 0.6
     torch.testing.assert_close(rb.normals[0][m].norm(dim=-1), torch.ones(int(m.sum())), atol=1e-5, rtol=0)
@@ -265,10 +277,11 @@ def test_builtin_head_buffers_are_sane():
     assert (m != m.flip(1)).float().mean() < 0.01
 
 
-def test_identical_inputs_give_bit_identical_buffers():
+@CPU_BACKENDS
+def test_identical_inputs_give_bit_identical_buffers(backend):
     head = builtin_head_mesh(3)
     cam = Camera.look_at(eye=(0.4, 0.1, 0.9), width=96, height=80)
-    a, b = rasterize(head, cam), rasterize(head, cam)
+    a, b = rasterize(head, cam, backend=backend), rasterize(head, cam, backend=backend)
     for k in ("mask", "depth", "canonical", "normals"):
         assert torch.equal(getattr(a, k), getattr(b, k)), k
 
@@ -292,10 +305,10 @@ def test_raster_buffers_cat_and_to():
 
 
 def test_backend_registry_and_errors():
-    assert set(BACKENDS) == {"torch", "nvdiffrast"}
+    assert set(BACKENDS) == {"torch", "numba", "nvdiffrast"}
     head = builtin_head_mesh(1)
     cam = Camera.look_at(width=16, height=16)
-    with pytest.raises(ConfigError, match=r"\['nvdiffrast', 'torch'\]"):
+    with pytest.raises(ConfigError, match=r"\['auto', 'torch', 'numba', 'nvdiffrast'\]"):
         rasterize(head, cam, backend="opengl")
     with pytest.raises(BackendError, match="nvdiffrast"):
         rasterize(head, cam, backend="nvdiffrast")  # CPU mesh (and, here, no nvdiffrast)

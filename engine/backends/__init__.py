@@ -11,12 +11,17 @@ for every backend; `Backend.frame` is denoise -> decode -> `engine.frame.to_pixe
 
 The `reference` backend (`engine.backends.reference`) is the specification; the fast paths live in their own
 modules and are imported only when chosen, so the reference path never imports them.
+
+`Backend.condition` (RasterBuffers -> the ControlNet input) runs a conditioner chosen by name from `_CONDITIONERS`:
+`torch` (`build_condition`, the reference) or `numba` (`engine.condition_numba`, CPU); "auto" is
+`default_conditioner(device)`, the one place that picks it.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 from functools import partial
 
 import torch
@@ -34,6 +39,42 @@ _BACKENDS: dict[str, str] = {
     "onnxruntime": "engine.backends.onnxruntime:OnnxRuntimeBackend",
     "tensorrt": "engine.backends.tensorrt:TensorRTBackend",
 }
+
+
+# name -> "module:Class" of a conditioner: Class(textures, conditioning config), then obj(raster, out=None).
+_CONDITIONERS: dict[str, str] = {
+    "torch": "engine.backends:ReferenceConditioner",
+    "numba": "engine.condition_numba:NumbaConditioner",
+}
+CONDITIONER_CHOICES = ("auto", *_CONDITIONERS)
+
+
+class ReferenceConditioner:
+    """`build_condition` (the reference) as a conditioner: a new float32 NCHW image, copied into `out` if given."""
+
+    def __init__(self, textures, config):
+        self.textures, self.config = textures, config
+
+    def __call__(self, raster, out: torch.Tensor | None = None) -> torch.Tensor:
+        cond = build_condition(raster, self.textures, self.config)
+        return out.copy_(cond) if out is not None else cond
+
+
+def default_conditioner(device) -> str:
+    """The conditioner for "auto": `numba` on the CPU where numba is installed (the reference's image up to float32
+    rounding of the texel positions, about 7x faster at the demo's 128 px: the issue-16 note), else `torch`."""
+    if torch.device(device).type == "cpu" and importlib.util.find_spec("numba") is not None:
+        return "numba"
+    return "torch"
+
+
+def make_conditioner(name: str, textures, config, device):
+    """The conditioner `name` ("auto": `default_conditioner(device)`) for these textures and conditioning config."""
+    name = default_conditioner(device) if name == "auto" else name
+    if name not in _CONDITIONERS:
+        raise ConfigError(f"unknown conditioner {name!r}; choose one of {list(CONDITIONER_CHOICES)}")
+    module, _, cls = _CONDITIONERS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)(textures, config)
 
 
 class Backend:
@@ -55,6 +96,7 @@ class Backend:
         self.device = torch.device(device)
         self.config = avatar.config
         self.dtype = torch.float32 if dtype is None else dtype
+        self.conditioner = make_conditioner("auto", avatar.textures, self.config.conditioning, self.device)
 
     # -- what a backend supplies -------------------------------------------------------------------
     def prepare(self, condition: torch.Tensor, tokens: torch.Tensor):
@@ -68,10 +110,14 @@ class Backend:
         raise NotImplementedError
 
     # -- shared ------------------------------------------------------------------------------------
+    def use_conditioner(self, name: str) -> None:
+        """Build the conditioning image with the conditioner `name` from now on ("auto", "torch", "numba")."""
+        self.conditioner = make_conditioner(name, self.avatar.textures, self.config.conditioning, self.device)
+
     def condition(self, raster, out: torch.Tensor | None = None) -> torch.Tensor:
-        """RasterBuffers -> the ControlNet input `[B, C, H, W]` (`build_condition`); `out`: written in place."""
-        cond = build_condition(raster, self.avatar.textures, self.config.conditioning)
-        return out.copy_(cond) if out is not None else cond
+        """RasterBuffers -> the ControlNet input `[B, C, H, W]` float32 (`self.conditioner`: `build_condition` or
+        its numba twin on the CPU, whose image has channels-last strides); `out`: written in place."""
+        return self.conditioner(raster, out)
 
     def denoise(self, condition: torch.Tensor, tokens: torch.Tensor, on_step=None, state=None) -> torch.Tensor:
         """condition `[B, C, H, W]`, tokens `[B, T, D]` -> the final latent `[B, c, h, w]` float32: the shared loop
@@ -95,7 +141,7 @@ class Backend:
 
     def close(self) -> None:
         """Free what the backend holds (graphs, buffers, private weights); the default drops its avatar."""
-        self.avatar = None
+        self.avatar = self.conditioner = None
 
 
 def copy_module(module: nn.Module, device, dtype: torch.dtype, *, keep=(), float32=(), shared=()) -> nn.Module:
@@ -128,9 +174,18 @@ def backend_names() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def default_backend(device) -> str:
-    """`compiled` on CUDA (the fast path), `reference` elsewhere."""
-    return "compiled" if torch.device(device).type == "cuda" else "reference"
+# The CPU frame backend where an export folder is at hand: ONNX Runtime ran the demo's DDIM-1 step (conditioning
+# embedding + denoiser) in 14-16 ms and its VAE decoder in 9-14 ms on this 2-core box, against 24 + 20 ms eager and
+# 19 + 21 ms under torch.compile (73-95 s to compile), at 1 and 2 threads alike (the issue-16 note).
+CPU_FRAME_BACKEND = "onnxruntime"
+
+
+def default_backend(device, engines=None) -> str:
+    """The one place that picks a frame backend where none is named: `compiled` on CUDA (the fast path); on the CPU
+    `CPU_FRAME_BACKEND` when an export folder (`engines`) is given, else `reference`."""
+    if torch.device(device).type == "cuda":
+        return "compiled"
+    return CPU_FRAME_BACKEND if engines is not None else "reference"
 
 
 def backend_class(name: str):

@@ -2,14 +2,18 @@
 
 `rasterize(mesh, camera, backend="torch")` picks a backend by name from `BACKENDS`:
 - `"torch"` (`torch_raster.py`): the reference, pure PyTorch, any device, exact z-buffer.
+- `"numba"` (`numba_raster.py`): the reference's arithmetic as compiled loops, for CPU meshes (numba, a wheel);
+  the same buffers up to edge pixels, 6-8x faster on the demo's head.
 - `"nvdiffrast"` (`nvdiffrast_raster.py`): NVIDIA's CUDA rasteriser; needs `pip install diffrp-nvdiffrast` and a
   mesh on a CUDA device.
-Both follow the projection of `engine.geometry` (model.md "Projection") and give the same buffers up to triangle
-edges (each rasteriser has its own edge rule) and float rounding.
+All follow the projection of `engine.geometry` (model.md "Projection") and give the same buffers up to triangle
+edges (each rasteriser has its own edge rule) and float rounding. `default_backend(device)` is the one place that
+picks a backend where the caller names none ("auto").
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -94,6 +98,12 @@ def _torch_backend(mesh: Mesh, camera: Camera, znear: float, zfar: float) -> Ras
     return rasterize_torch(mesh, camera, znear, zfar)
 
 
+def _numba_backend(mesh: Mesh, camera: Camera, znear: float, zfar: float) -> RasterBuffers:
+    from .numba_raster import rasterize_numba
+
+    return rasterize_numba(mesh, camera, znear, zfar)
+
+
 def _nvdiffrast_backend(mesh: Mesh, camera: Camera, znear: float, zfar: float) -> RasterBuffers:
     from .nvdiffrast_raster import rasterize_nvdiffrast
 
@@ -103,17 +113,36 @@ def _nvdiffrast_backend(mesh: Mesh, camera: Camera, znear: float, zfar: float) -
 # The one registry of backends: name -> fn(mesh, camera, znear, zfar) -> RasterBuffers.
 BACKENDS: dict[str, Callable[[Mesh, Camera, float, float], RasterBuffers]] = {
     "torch": _torch_backend,
+    "numba": _numba_backend,
     "nvdiffrast": _nvdiffrast_backend,
 }
+CHOICES = ("auto", *BACKENDS)  # what a `--raster` option or `Renderer(raster_backend=...)` accepts
+
+
+def default_backend(device: torch.device | str) -> str:
+    """The rasteriser for "auto": `numba` on the CPU where numba is installed (the reference's buffers up to edge
+    pixels, 6-8x faster), else the `torch` reference (nvdiffrast needs a CUDA build step, so it is never implied)."""
+    if torch.device(device).type == "cpu" and importlib.util.find_spec("numba") is not None:
+        return "numba"
+    return "torch"
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """A backend name, with "auto" replaced by `default_backend(device)`; an unknown name is a ConfigError."""
+    if backend == "auto":
+        return default_backend(device)
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown raster backend {backend!r}; choose one of {list(CHOICES)}")
+    return backend
 
 
 def rasterize(
     mesh: Mesh, camera: Camera, backend: str = "torch", znear: float = 0.1, zfar: float = 2.0
 ) -> RasterBuffers:
     """Rasterise `mesh` as seen by `camera` into `camera.height` x `camera.width` buffers (B = 1) on the mesh's
-    device. Fragments with camera depth Z outside [znear, zfar] are discarded; there is no back-face culling."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown raster backend {backend!r}; choose one of {sorted(BACKENDS)}")
+    device with `backend` (a name in `BACKENDS`, or "auto": `default_backend`). Fragments with camera depth Z outside
+    [znear, zfar] are discarded; there is no back-face culling."""
+    backend = resolve_backend(backend, mesh.device if isinstance(mesh, Mesh) else "cpu")
     if not isinstance(mesh, Mesh) or not isinstance(camera, Camera):
         raise InputError(
             f"rasterize expects (Mesh, Camera), got ({type(mesh).__name__}, {type(camera).__name__})"
@@ -124,4 +153,4 @@ def rasterize(
     return BACKENDS[backend](mesh, camera, float(znear), float(zfar))
 
 
-__all__ = ["RasterBuffers", "rasterize", "BACKENDS"]
+__all__ = ["RasterBuffers", "rasterize", "BACKENDS", "CHOICES", "default_backend", "resolve_backend"]
