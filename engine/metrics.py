@@ -1,4 +1,4 @@
-"""Image metrics for evaluation: PSNR (optionally over a mask) and SSIM.
+"""Image metrics for evaluation: PSNR (optionally over a mask), SSIM and sharpness (variance of the Laplacian).
 
 Inputs are float images in [0, data_range] (tensors or numpy arrays), either a batch `[B, C, H, W]`, one image
 `[H, W, C]` or one grey image `[H, W]`. A batch gives one value per image (`[B]` float64 tensor), a single image a
@@ -128,4 +128,39 @@ def ssim(pred: Any, target: Any, data_range: float = 1.0) -> torch.Tensor:
     c2 = (SSIM_K2 * data_range) ** 2
     s = ((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p ** 2 + mu_t ** 2 + c1) * (var_p + var_t + c2))
     out = s.mean(dim=(1, 2, 3))
+    return out if batched else out[0]
+
+
+# The 3 x 3 Laplacian (4-neighbour): sharpness = its response's variance.
+_LAPLACIAN = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))
+
+
+def sharpness(image: Any, mask: Any = None) -> torch.Tensor:
+    """Variance of the Laplacian of the image's luma (mean of its channels), per image: the high-frequency
+    content a blurry mean loses. Computed over the valid region (H - 2) x (W - 2); `mask` (optional, `[B, 1, H, W]`,
+    `[B, H, W]` or `[H, W]`, weights in [0, 1]) restricts it to where the mask is, as a weighted variance.
+    """
+    x, batched = _to_nchw(image, "image")
+    if not bool(torch.isfinite(x).all()):
+        raise InputError("image holds NaN or Inf values; sharpness needs a finite image")
+    if x.shape[-1] < 3 or x.shape[-2] < 3:
+        raise InputError(f"sharpness needs images of at least 3 x 3 pixels, got {x.shape[-2]} x {x.shape[-1]}")
+    kernel = torch.tensor(_LAPLACIAN, dtype=torch.float64, device=x.device).view(1, 1, 3, 3)
+    response = F.conv2d(x.mean(1, keepdim=True), kernel)
+    if mask is None:
+        weight = torch.ones_like(response)
+    else:
+        m = mask if isinstance(mask, torch.Tensor) else torch.as_tensor(np.asarray(mask))
+        shape = list(m.shape)
+        m = m.to(x.device, x.dtype)
+        m = m[None, None] if m.ndim == 2 else m[:, None] if m.ndim == 3 else m
+        if m.ndim != 4 or m.shape[1] != 1 or m.shape[-2:] != x.shape[-2:]:
+            raise InputError(f"mask must be [B, 1, H, W], [B, H, W] or [H, W] with H x W = {x.shape[-2]} x "
+                             f"{x.shape[-1]} like the image, got shape {shape}")
+        weight = m[..., 1:-1, 1:-1].expand_as(response)
+    total = weight.sum(dim=(1, 2, 3))
+    if bool((total <= 0).any()):
+        raise InputError("mask is empty inside the image's border: sharpness needs at least one pixel")
+    mean = (weight * response).sum(dim=(1, 2, 3)) / total
+    out = (weight * (response - mean.view(-1, 1, 1, 1)) ** 2).sum(dim=(1, 2, 3)) / total
     return out if batched else out[0]

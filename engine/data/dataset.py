@@ -22,7 +22,8 @@ Format (version 1)
      "cameras": {"<cam>": Camera.to_dict(), ...},          # OpenCV world->camera, see engine.geometry
      "topology": "topology.npz" | null,
      "sequences": {"<seq>": {"frames": T}, ...},
-     "split": {"eval_cameras": [...], "eval_sequences": [...]}}
+     "split": {"eval_cameras": [...], "eval_sequences": [...]},
+     "detail": {...}}                                      # optional: per-frame texture the mesh does not determine
 
 Names of cameras and sequences are file names: letters, digits, `_`, `-`, `+` and `.`. Frames are numbered
 0..T-1; a sequence entry may also hold `"source_frames": [T ints]`, the frame numbers in the source data.
@@ -133,6 +134,8 @@ class DatasetIndex:
                                                    or isinstance(self.synthetic_version, bool)):
             raise FormatError(f"{path}: \"synthetic_version\" must be an integer or null, got "
                               f"{self.synthetic_version!r}")
+        # how per-frame detail was drawn (engine.data.synthetic_dataset), or None
+        self.detail = self._field("detail", (dict,), path) if "detail" in self.doc else None
         size = self._field("image_size", (list,), path)
         if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
             raise FormatError(f"{path}: \"image_size\" must be [width, height] in pixels, got {size!r}")

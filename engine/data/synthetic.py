@@ -38,7 +38,7 @@ from ..config import ARKIT8
 from ..errors import ConfigError, InputError
 from ..geometry import Camera, Mesh, vertex_normals
 from ..orbit import DEFAULT_FOV_DEG, orbit_camera
-from .synthetic_look import render_mesh
+from .synthetic_look import DetailField, render_mesh
 from .synthetic_mesh import CAVITY, EYE_CENTRES, LID_TOP, SKIN, TEETH, Y_MOUTH, _smoothstep, head_geometry, lid_edges
 
 SYNTHETIC_VERSION = 1
@@ -167,15 +167,18 @@ class SyntheticHead:
                 v[idx] = pos + (v[idx] - rest[idx])
         return rig.rest.with_vertices(v, vertex_normals(v, rig.rest.faces))
 
-    def render(self, camera: Camera, expression: torch.Tensor | None = None,
-               supersample: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    def render(self, camera: Camera, expression: torch.Tensor | None = None, supersample: int = 2,
+               detail: DetailField | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Ground truth: rgb [H, W, 3] float32 in [0, 1] over a white background and alpha [H, W] float32 in
-        [0, 1] (CPU) at the camera's resolution, anti-aliased by rendering `supersample` x larger."""
+        [0, 1] (CPU) at the camera's resolution, anti-aliased by rendering `supersample` x larger; `detail`: the
+        frame's fine texture (`synthetic_look.DetailField`), none by default."""
         if not isinstance(camera, Camera):
             raise InputError(f"render needs an engine.geometry.Camera, got {type(camera).__name__}")
         if not isinstance(supersample, int) or not 1 <= supersample <= 8:
             raise InputError(f"supersample must be an integer in [1, 8], got {supersample!r}")
-        return render_mesh(self.posed_mesh(expression), camera, supersample)
+        if detail is not None and not isinstance(detail, DetailField):
+            raise InputError(f"detail must be an engine.data.synthetic_look.DetailField, got {type(detail).__name__}")
+        return render_mesh(self.posed_mesh(expression), camera, supersample, detail)
 
     def __repr__(self) -> str:
         rest = self._rig.rest

@@ -11,6 +11,9 @@ Expression sequences (8-D ARKit rig, every value in [0, 1], seeded):
 Held out for evaluation: `eval_cameras` cameras of middling angle from the front (neither the frontal nor the most
 oblique view, so evaluation interpolates between training views; `eval_camera_indices`), and the last
 `eval_sequences` combination sequences (the sweeps stay in training, so every dimension is seen at full strength).
+With `detail=True` every frame also gets its own fine texture (`synthetic_look.DetailField`, seeded by
+`detail_seed(seed, sequence, frame)`, the same in all of the frame's views): data the mesh does not determine, for
+the few-step students; `dataset.json` records it under "detail".
 """
 
 from __future__ import annotations
@@ -79,9 +82,15 @@ def eval_camera_indices(cameras: list, k: int) -> list[int]:
     return sorted(order[r] for r in held_out(len(cameras), k))
 
 
+def detail_seed(seed: int, sequence: int, frame: int) -> int:
+    """The seed of one frame's `DetailField` in a dataset made with `seed`."""
+    return int(np.random.SeedSequence([seed, sequence, frame, 0xDE7A11]).generate_state(1)[0])
+
+
 def write_synthetic_dataset(root: str | Path, sequences: int = 12, frames_per_sequence: int = 24, cameras: int = 12,
                             size: int = 128, eval_cameras: int = 1, eval_sequences: int = 2, seed: int = 0,
-                            progress: bool = True, overwrite: bool = False, supersample: int = 2) -> Path:
+                            progress: bool = True, overwrite: bool = False, supersample: int = 2,
+                            detail: bool = False) -> Path:
     """Render and write a synthetic dataset to `root`; returns the path of its `dataset.json`.
 
     `sequences` x `frames_per_sequence` frames, each seen by `cameras` rig cameras at `size` x `size` pixels; the
@@ -90,6 +99,7 @@ def write_synthetic_dataset(root: str | Path, sequences: int = 12, frames_per_se
     from tqdm import tqdm
 
     from .synthetic import SYNTHETIC_VERSION, SyntheticHead, default_rig_cameras
+    from .synthetic_look import DetailField
 
     for name, v, lo in (("sequences", sequences, 1), ("frames_per_sequence", frames_per_sequence, 1),
                         ("cameras", cameras, 1), ("size", size, 16), ("eval_cameras", eval_cameras, 0),
@@ -110,7 +120,7 @@ def write_synthetic_dataset(root: str | Path, sequences: int = 12, frames_per_se
     curves = expression_sequences(sequences, frames_per_sequence, len(names), seed)
     writer = DatasetWriter(root, cameras=cams, expression_dim=len(names), expression_names=names,
                            topology=head.neutral_mesh(), source="synthetic", synthetic_version=SYNTHETIC_VERSION,
-                           overwrite=overwrite)
+                           detail=_detail_record(seed) if detail else None, overwrite=overwrite)
     total = sequences * frames_per_sequence * cameras
     with tqdm(total=total, desc="rendering", unit="img", disable=not progress) as bar:
         for s, codes in enumerate(curves):
@@ -118,8 +128,9 @@ def write_synthetic_dataset(root: str | Path, sequences: int = 12, frames_per_se
             vertices = []
             for t, code in enumerate(torch.from_numpy(codes)):
                 vertices.append(head.posed_mesh(code).vertices.detach().cpu().numpy())
+                field = DetailField.draw(detail_seed(seed, s, t)) if detail else None
                 for cam_name, cam in cams.items():
-                    rgb, alpha = head.render(cam, code, supersample=supersample)
+                    rgb, alpha = head.render(cam, code, supersample=supersample, detail=field)
                     writer.write_image(seq, cam_name, t, rgb, alpha)
                     bar.update(1)
             writer.write_sequence(seq, codes, vertices=np.stack(vertices))
@@ -127,3 +138,13 @@ def write_synthetic_dataset(root: str | Path, sequences: int = 12, frames_per_se
     combos = [s for s in range(sequences) if s % 2 == 1]
     eval_seqs = [f"seq{s:03d}" for s in combos[len(combos) - eval_sequences:]] if eval_sequences else []
     return writer.finish(eval_cameras=eval_cams, eval_sequences=eval_seqs)
+
+
+
+def _detail_record(seed: int) -> dict:
+    """What dataset.json says of the per-frame detail: how it was drawn."""
+    from .synthetic_look import DETAIL_AMPLITUDE, DETAIL_BAND, DETAIL_WAVES
+
+    return {"field": "engine.data.synthetic_look.DetailField", "waves": DETAIL_WAVES,
+            "band_rad_per_m": list(DETAIL_BAND), "amplitude": DETAIL_AMPLITUDE,
+            "frame_seed": f"engine.data.synthetic_dataset.detail_seed({seed}, sequence, frame)"}

@@ -1,17 +1,20 @@
 """The synthetic head's appearance: a procedural albedo in canonical space and fixed world-space lighting.
 
-`albedo(canonical)` colours each surface point from its 5-D canonical coordinates alone (rest position in
-metres = xyz / 4, part from ambient 0, upper/lower from ambient 1): skin with low-frequency tone variation and
-redder cheeks, lips with a darker line between them, nostrils, brows, a hair cap, eyelids with lash lines,
-eyeballs (sclera, iris, pupil), teeth, a dark mouth cavity. Nothing comes from files and nothing is random,
-so a point keeps its colour under any expression and camera. `shade` multiplies it by Lambert terms of a key
-light, a fill light and an ambient term fixed in the world (so all views agree) plus a small specular for the
-eyes, lips and teeth. `render_mesh` rasterises, shades, anti-aliases by supersampling and composites over white.
+`albedo(canonical)` colours each surface point from its 5-D canonical coordinates alone (rest position in metres =
+xyz / 4, part from ambient 0, upper/lower from ambient 1): skin with low-frequency tone variation and redder cheeks,
+lips with a darker line between them, nostrils, brows, a hair cap, eyelids with lash lines, eyeballs (sclera, iris,
+pupil), teeth, a dark mouth cavity. Nothing comes from files and nothing is random, so a point keeps its colour
+under any expression and camera. The one exception is opt-in: a `DetailField`, fine skin and hair texture drawn
+afresh for each frame (the same in every view of it), which the mesh does not determine, so a diffusion model must
+learn its distribution (the few-step students' test data). `shade` multiplies the albedo by Lambert terms of a key
+light, a fill light and an ambient term fixed in the world (so all views agree) plus a small specular for the eyes,
+lips and teeth. `render_mesh` rasterises, shades, anti-aliases by supersampling and composites over white.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +106,47 @@ def _skin(p: torch.Tensor) -> torch.Tensor:
     return _mix(c, HAIR_RGB, hair) * torch.lerp(torch.ones_like(hair), strands, hair)[:, None]
 
 
+# A `DetailField`'s defaults: plane waves, their wave numbers (rad per metre of rest position: 400..700 is a
+# 9-16 mm wavelength, 4-8 pixels in a 128-pixel view of the head, one to two latent cells of the demo's VAE), and
+# the albedo's modulation depth.
+DETAIL_WAVES, DETAIL_BAND, DETAIL_AMPLITUDE = 32, (400.0, 700.0), 0.25
+
+
+@dataclass(frozen=True)
+class DetailField:
+    """Fine texture on the skin, hair and eyelids that the mesh does not determine: a Gaussian random field in
+    canonical space drawn per frame, multiplying the albedo by 1 + amplitude * field (clamped to [0.2, 1.8]).
+
+    The field is sqrt(2 / K) sum_k cos(w_k . p + phi_k) over K plane waves with directions uniform on the sphere,
+    wave numbers uniform in a band and phases uniform in [0, 2 pi): zero mean and unit variance at every point
+    over draws, so its expectation leaves the plain albedo (the blurry mean a one-step model draws).
+    waves: [K, 4] float64 (wave vector, phase).
+    """
+
+    waves: torch.Tensor
+    amplitude: float = DETAIL_AMPLITUDE
+
+    @classmethod
+    def draw(cls, seed: int, count: int = DETAIL_WAVES, band: tuple[float, float] = DETAIL_BAND,
+             amplitude: float = DETAIL_AMPLITUDE) -> "DetailField":
+        """The field of one frame, from its seed."""
+        g = torch.Generator().manual_seed(int(seed))
+        direction = torch.nn.functional.normalize(torch.randn(count, 3, generator=g, dtype=torch.float64), dim=1)
+        wave_number = band[0] + (band[1] - band[0]) * torch.rand(count, 1, generator=g, dtype=torch.float64)
+        phase = 2 * math.pi * torch.rand(count, 1, generator=g, dtype=torch.float64)
+        return cls(torch.cat([direction * wave_number, phase], 1), amplitude)
+
+    def field(self, p: torch.Tensor) -> torch.Tensor:
+        """[N] float64 field values at rest positions p [N, 3] (metres)."""
+        w = self.waves.to(p.device)
+        return torch.cos(p.double() @ w[:, :3].T + w[:, 3]).sum(1) * math.sqrt(2 / len(w))
+
+    def modulate(self, colour: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """colour [N, 3] x (1 + amplitude x field(p)), clamped to [0.2, 1.8]."""
+        gain = (1 + self.amplitude * self.field(p)).clamp(0.2, 1.8).to(colour.dtype)
+        return colour * gain[:, None]
+
+
 def _eye_local(p: torch.Tensor) -> torch.Tensor:
     """Rest positions relative to their eye's centre (the eye on the same side of x = 0)."""
     centres = torch.tensor(EYE_CENTRES, dtype=p.dtype, device=p.device)
@@ -150,8 +194,9 @@ def part_of(canonical: torch.Tensor) -> torch.Tensor:
     return (canonical[:, 3:4] - codes).abs().argmin(1)
 
 
-def albedo(canonical: torch.Tensor) -> torch.Tensor:
-    """[N, 3] float32 albedo in [0, 1] of surface points with canonical coordinates [N, 5]."""
+def albedo(canonical: torch.Tensor, detail: DetailField | None = None) -> torch.Tensor:
+    """[N, 3] float32 albedo in [0, 1] of surface points with canonical coordinates [N, 5]; `detail` (optional)
+    modulates the skin (hair included) and the eyelids."""
     p = canonical[:, :3] / CANONICAL_SCALE
     side = canonical[:, 4]
     part = part_of(canonical)
@@ -161,7 +206,7 @@ def albedo(canonical: torch.Tensor) -> torch.Tensor:
                   (CAVITY, lambda i: _cavity(p[i], side[i]))):
         idx = (part == k).nonzero().squeeze(1)
         if idx.numel():
-            out[idx] = fn(idx)
+            out[idx] = fn(idx) if detail is None or k not in (SKIN, LID) else detail.modulate(fn(idx), p[idx])
     return out.clamp(0, 1)
 
 
@@ -180,8 +225,9 @@ def shade(colour: torch.Tensor, normals: torch.Tensor, part: torch.Tensor, view:
     return (colour * light[:, None] + (gloss * spec)[:, None]).clamp(0, 1)
 
 
-def render_mesh(mesh: Mesh, camera: Camera, supersample: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shade `mesh` (canonical 5-D, as built by the synthetic head) seen by `camera`.
+def render_mesh(mesh: Mesh, camera: Camera, supersample: int = 2,
+                detail: DetailField | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shade `mesh` (canonical 5-D, as built by the synthetic head) seen by `camera`, with a frame's `detail`.
 
     Rasterises at `supersample` x the camera's size and average-pools. Returns rgb [H, W, 3] float32 in [0, 1]
     composited over white and alpha [H, W] float32 in [0, 1], CPU tensors.
@@ -192,7 +238,7 @@ def render_mesh(mesh: Mesh, camera: Camera, supersample: int = 2) -> tuple[torch
     covered = buf.mask[0, ..., 0] > 0.5
     canon, normals = buf.canonical[0][covered], buf.normals[0][covered]
     view = F.normalize(camera.center.to(canon), dim=0)
-    colour = shade(albedo(canon), normals, part_of(canon), view)
+    colour = shade(albedo(canon, detail), normals, part_of(canon), view)
     img = torch.zeros(H * k, W * k, 3, dtype=torch.float32, device=canon.device)
     img[covered] = colour.float()
     alpha = covered.float()

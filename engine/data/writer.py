@@ -76,7 +76,7 @@ class DatasetWriter:
     def __init__(self, root: str | os.PathLike, *, cameras: dict[str, Camera], expression_dim: int,
                  expression_names: Sequence[str] | None = None, topology: Mesh | None = None,
                  canonical_dims: int | None = None, source: str | None = None,
-                 synthetic_version: int | None = None, overwrite: bool = False):
+                 synthetic_version: int | None = None, detail: dict | None = None, overwrite: bool = False):
         self.root = Path(root)
         if not cameras:
             raise InputError("a dataset needs at least one camera")
@@ -104,6 +104,7 @@ class DatasetWriter:
         self.canonical_dims = topology.canonical_dims if topology is not None else int(canonical_dims)
         self.source = source
         self.synthetic_version = synthetic_version
+        self.detail = detail
         self.frames: dict[str, int] = {}
         self.source_frames: dict[str, list[int]] = {}
         if topology is not None:
@@ -188,6 +189,7 @@ class DatasetWriter:
                                                 if seq in self.source_frames else {})}
                           for seq, T in self.frames.items()},
             "split": {"eval_cameras": list(eval_cameras), "eval_sequences": list(eval_sequences)},
+            **({"detail": self.detail} if self.detail is not None else {}),
         }
         path = self.root / INDEX_FILE
         write_atomic(path, json.dumps(doc, indent=1).encode())
