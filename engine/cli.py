@@ -28,6 +28,7 @@ COMMANDS = {
     "drive": ("engine.live.drive", "drive an avatar from a video or a webcam (expression transfer)"),
     "fit-driver": ("engine.live.fit", "fit the tracker-to-code map of an avatar on its training frames"),
     "serve": ("engine.live.server", "serve the browser viewer and the code-stream WebSocket"),
+    "distill-decoder": ("engine.training.decoder_cli", "train an avatar's tiny decoder from its own latents"),
     "export": ("export.command", "export an avatar's networks as ONNX graphs (for --backend onnxruntime) or "
                "TensorRT engines (--backend tensorrt)"),
 }
