@@ -139,6 +139,11 @@ def cmd_info(args) -> None:
     for path in info["expression_attention"]:
         print(f"  {path}")
     print(f"head model: {c['head_model']}")
+    recipe, tiny = c["recipe"], c["tiny_decoder"]
+    print("recipe: " + (f"{recipe['sampler']} {recipe['steps']} steps, {recipe['decoder']} decoder" if recipe else
+                        "none recorded (the release's: ddpm 20 steps, vae decoder)"))
+    if tiny:
+        print(f"tiny decoder: {tiny['channels']} channels, blocks {tiny['blocks']}")
 
 
 def cmd_orbit(args) -> None:
