@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(BIN)/avatar orbit --avatar $(AVATAR) --frames 96 --out $(DEMO)/orbit.json
-	$(BIN)/avatar render --avatar $(AVATAR) --sequence $(DEMO)/orbit.json --sampler ddim --steps 8 \
+	$(BIN)/avatar render --avatar $(AVATAR) --sequence $(DEMO)/orbit.json \
 		--out $(DEMO)/orbit.mp4 --sheet $(DEMO)/orbit-sheet.png
 	@echo "demo video: $(abspath $(DEMO)/orbit.mp4)"
 	@echo "contact sheet: $(abspath $(DEMO)/orbit-sheet.png)"

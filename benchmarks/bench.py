@@ -2,9 +2,10 @@
 
 Cases run as mesh x decoder x steps x backend, so each step count's baseline and fast path finish together. A
 case: a first frame (time to first frame = build + warm-up + capture), `--repeat` sequential frames (stage
-times, median and p90), and for CUDA-graph backends a depth-2 stream of `--stream-frames` frames (end-to-end
-fps, input-to-output latency). `<out>.json` + `<out>.md` are rewritten as each case finishes; a failing case is
-recorded with its error and the run goes on. How each stage is timed: `benchmarks.measure`; what the files
+times, median and p90; depth 1, one frame in flight: the case's fps and latency), and for CUDA-graph backends a
+depth-2 stream of `--stream-frames` frames (throughput and input-to-output latency with two frames in flight).
+`<out>.json` + `<out>.md` are rewritten as each case finishes; a failing case is recorded with its error and the
+run goes on. How each stage is timed: `benchmarks.measure`; what the files
 hold: `benchmarks.report`. `compiled-eager`: no CUDA graph.
 """
 
@@ -41,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
       help="weights of the compiled backends (default: float16)")
     a("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="sampler (default: ddpm)")
     a("--steps", default="4,20", help="comma-separated step counts (default: 4,20)")
-    a("--decoders", default="vae", help="comma-separated: vae, tiny (compiled backends only) (default: vae)")
+    a("--decoders", default="vae", help="comma-separated: vae, tiny (the avatar's trained tiny decoder; for an avatar "
+      "without one, a TAESD-shaped one with random weights, for timing) (default: vae)")
     a("--meshes", default="head", help="comma-separated: head (the avatar's), 100k (default: head)")
     a("--repeat", type=int, default=5, help="timed sequential frames per case (default: 5)")
     a("--stream-frames", type=int, default=30, help="frames streamed per CUDA graph case (default: 30)")
@@ -104,10 +106,15 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     avatar = load_avatar(args.avatar)  # on the CPU: each case's Renderer puts what its backend needs on the device
     load_ms = round((time.perf_counter() - t0) * 1e3)
+    random_tiny = "tiny" in args.decoders.split(",") and avatar.tiny_decoder is None
+    if random_tiny:
+        add_random_tiny_decoder(avatar)
     cfg = avatar.config
     frames = orbit(cfg, frames=max(args.repeat, args.stream_frames, 2) + 1)
     stem = Path(args.out or RESULTS / f"{Path(args.avatar).name}-{device.type}")
     report = new_report(args, device, cfg, load_ms)
+    report["settings"]["tiny_decoder"] = ("random weights, TAESD's shape (timing only)" if random_tiny else
+                                          "trained" if avatar.tiny_decoder is not None else None)
     for mesh_name in args.meshes.split(","):
         if mesh_name not in ("head", "100k"):
             raise ConfigError(f"unknown --meshes entry {mesh_name!r}; use head or 100k")
@@ -116,7 +123,7 @@ def run(args) -> dict:
         case_frames = [Frame(f.camera, f.expression, variants[i % len(variants)]) for i, f in enumerate(frames)]
         for decoder, n, backend in itertools.product(args.decoders.split(","), steps, args.backends.split(",")):
             graph = backend in GRAPH_BACKENDS
-            for dtype in ([args.compiled_dtype] if graph else args.dtypes.split(",") if decoder == "vae" else []):
+            for dtype in ([args.compiled_dtype] if graph else args.dtypes.split(",")):
                 case = {"backend": backend, "dtype": dtype, "sampler": args.sampler, "steps": n, "decoder": decoder,
                         "mesh": mesh_name, "raster": args.raster,
                         "faces": frame_mesh(avatar, case_frames[0]).num_faces}
@@ -126,6 +133,20 @@ def run(args) -> dict:
                 save(report, stem)
     print(f"results: {stem.with_suffix('.json')} and .md")
     return report
+
+
+def add_random_tiny_decoder(avatar) -> None:
+    """Give an avatar without a trained tiny decoder a TAESD-shaped one (64 channels, three blocks a stage, one
+    upsampling per VAE downsampling) with seeded random weights, so that both decoders' times can be compared."""
+    from engine.recipe import TinyDecoderConfig
+    from engine.tiny_decoder import build_tiny_decoder
+
+    vae = avatar.config.vae
+    shape = TinyDecoderConfig(vae.latent_channels, 64, (3,) * (vae.downsample.bit_length() - 1) + (1,))
+    avatar.config = avatar.config.replace(tiny_decoder=shape)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        avatar.tiny_decoder = build_tiny_decoder(shape).eval().requires_grad_(False)
 
 
 def _run_case(avatar, frames, device, case, graph, args) -> dict:
@@ -148,7 +169,8 @@ def _run_case(avatar, frames, device, case, graph, args) -> dict:
                 traceback.print_exc()
                 result["fidelity_error"] = f"{type(e).__name__}: {e}"
         else:
-            result = registry_case(avatar, frames, device, case["backend"], case["dtype"], case["steps"], args)
+            result = registry_case(avatar, frames, device, case["backend"], case["dtype"], case["steps"],
+                                   case["decoder"], args)
     except Exception as e:  # one failing case must not lose the others' figures
         traceback.print_exc()
         result = {"error": f"{type(e).__name__}: {e}"}

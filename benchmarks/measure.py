@@ -81,12 +81,13 @@ def time_frame(renderer, frame, timer: StageTimer) -> None:
     timer.mark("copy back")
 
 
-def registry_case(avatar, frames, device, backend, dtype, steps, args) -> dict:
-    """A registry backend: a warm-up frame (time to first frame), then `args.repeat` sequential timed frames."""
+def registry_case(avatar, frames, device, backend, dtype, steps, decoder, args) -> dict:
+    """A registry backend: a warm-up frame (time to first frame), then `args.repeat` sequential timed frames (one
+    frame in flight: the frame time is the latency; these backends overlap nothing, so there is no depth 2)."""
     from engine.renderer import Renderer
 
     t0 = time.perf_counter()
-    renderer = Renderer(avatar, device=device, sampler=args.sampler, steps=steps, dtype=dtype,
+    renderer = Renderer(avatar, device=device, sampler=args.sampler, steps=steps, dtype=dtype, decoder=decoder,
                         raster_backend=args.raster, backend=backend,
                         backend_options={"engines": args.engines} if backend == "onnxruntime" else None)
     with torch.no_grad():
@@ -99,12 +100,19 @@ def registry_case(avatar, frames, device, backend, dtype, steps, args) -> dict:
                  + sum(timer.times["step"][i * steps:(i + 1) * steps]) for i in range(args.repeat)]
     frame = median_p90(per_frame)
     return {"stages": {k: median_p90(v) for k, v in timer.times.items()}, "frame": frame,
-            "fps": 1e3 / frame["median_ms"], "latency": frame, "first_frame_ms": first, "captures": 0}
+            "fps": 1e3 / frame["median_ms"], "latency": frame, "depth1": _depth(1e3 / frame["median_ms"], frame),
+            "first_frame_ms": first, "captures": 0}
+
+
+def _depth(fps: float, latency: dict) -> dict:
+    return {"fps": fps, "latency": latency}
 
 
 def compiled_case(avatar, frames, device, dtype, steps, decoder, graphs, parallel, args) -> tuple[dict, object]:
-    """A compiled backend: the first frame (build + warm-up + capture), `args.repeat` sequential frames and, with
-    CUDA graphs, a depth-2 stream of `args.stream_frames` frames -> (result, the renderer, for `fidelity`)."""
+    """A compiled backend: the first frame (build + warm-up + capture), `args.repeat` sequential frames (depth 1:
+    one frame in flight, its fps and latency are the case's) and, with CUDA graphs, a depth-2 stream of
+    `args.stream_frames` frames (throughput with two frames in flight, and its latency) -> (result, the renderer,
+    for `fidelity`)."""
     from engine.backends.compiled import dynamo_graphs
     from engine.pipeline import RenderPipeline
     from engine.renderer import Renderer
@@ -129,14 +137,13 @@ def compiled_case(avatar, frames, device, dtype, steps, decoder, graphs, paralle
         stages[name.rstrip("s")] = median_p90([float(t) for r in recs for t in np.atleast_1d(r.graph_ms[name])])
     frame = median_p90([r.latency_ms for r in recs])
     result = {"stages": stages, "frame": frame, "fps": 1e3 / frame["median_ms"], "latency": frame,
-              "first_frame_ms": first, "sequential_fps": 1e3 / frame["median_ms"]}
+              "depth1": _depth(1e3 / frame["median_ms"], frame), "first_frame_ms": first}
     if graphs and args.stream_frames > 1:
         pipe = RenderPipeline(renderer, depth=2)
         n = args.stream_frames
         list(pipe.run(frames[1 + i % (len(frames) - 1)] for i in range(n)))
         done = [r.t_done for r in pipe.records]
-        result["fps"] = (n - 1) / (done[-1] - done[0])
-        result["latency"] = median_p90([r.latency_ms for r in pipe.records[1:]])
+        result["depth2"] = _depth((n - 1) / (done[-1] - done[0]), median_p90([r.latency_ms for r in pipe.records[1:]]))
         result["stream"] = {"frames": n, "depth": 2, **pipe.stats()}
     result.update(captures=backend.captures, captures_after_first=backend.captures - captures0,
                   recompiles=dynamo_graphs() - graphs0, sequential=seq.stats())

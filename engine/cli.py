@@ -9,6 +9,7 @@ import json
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ COMMANDS = {
     "drive": ("engine.live.drive", "drive an avatar from a video or a webcam (expression transfer)"),
     "fit-driver": ("engine.live.fit", "fit the tracker-to-code map of an avatar on its training frames"),
     "serve": ("engine.live.server", "serve the browser viewer and the code-stream WebSocket"),
+    "distill-decoder": ("engine.training.decoder_cli", "train an avatar's tiny decoder from its own latents"),
     "export": ("export.command", "export an avatar's networks as ONNX graphs (for --backend onnxruntime) or "
                "TensorRT engines (--backend tensorrt)"),
 }
@@ -92,7 +94,7 @@ def cmd_render(args) -> None:
     # The avatar stays on the CPU: the Renderer puts on the device what its backend needs (a half-precision backend
     # then never holds the float32 networks there too).
     renderer = Renderer(load_avatar(args.avatar), device=args.device, sampler=args.sampler, steps=args.steps,
-                        seed=args.seed, dtype=args.dtype, raster_backend=args.raster,
+                        decoder=args.decoder, seed=args.seed, dtype=args.dtype, raster_backend=args.raster,
                         backend=args.backend or ("onnxruntime" if args.engines else None),
                         backend_options={"engines": args.engines} if args.engines else None)
     try:
@@ -100,14 +102,18 @@ def cmd_render(args) -> None:
     except InputError as e:
         raise InputError(f"{args.sequence}: {e}") from None
     with FrameWriter(args.out, fps=args.fps, alpha=args.alpha) as writer:
+        start = time.perf_counter()
         for i, image in enumerate(tqdm(renderer.stream(frames, alpha=args.alpha), total=len(frames), desc="render",
                                        unit="frame")):
             writer.write(image)
             if i in picks:
                 sheet.append(image)
+        seconds = time.perf_counter() - start
         if args.sheet:
             write_png(args.sheet, contact_sheet(sheet))
     print(f"wrote {len(frames)} frames to {Path(args.out).resolve()}")
+    print(f"recipe {renderer.recipe} ({renderer.backend.name} backend on {renderer.device}): {len(frames)} frames in "
+          f"{seconds:.1f} s, {len(frames) / seconds:.1f} frames/s (video writing included)")
     if args.sheet:
         print(f"contact sheet: {Path(args.sheet).resolve()}")
 
@@ -133,6 +139,11 @@ def cmd_info(args) -> None:
     for path in info["expression_attention"]:
         print(f"  {path}")
     print(f"head model: {c['head_model']}")
+    recipe, tiny = c["recipe"], c["tiny_decoder"]
+    print("recipe: " + (f"{recipe['sampler']} {recipe['steps']} steps, {recipe['decoder']} decoder" if recipe else
+                        "none recorded (the release's: ddpm 20 steps, vae decoder)"))
+    if tiny:
+        print(f"tiny decoder: {tiny['channels']} channels, blocks {tiny['blocks']}")
 
 
 def cmd_orbit(args) -> None:

@@ -16,12 +16,17 @@ AVATAR_HELP = "a preset (tiny, sd21), an avatar shipped with the package, or an 
 
 
 def add_render_options(p: argparse.ArgumentParser) -> None:
-    """The options that pick how frames are rendered (`Renderer`'s backend, sampler, steps, seed, device, dtype,
-    rasteriser)."""
+    """The options that pick how frames are rendered (`Renderer`'s backend, sampler, steps, decoder, seed, device,
+    dtype, rasteriser); those left out keep the avatar's recorded recipe."""
     p.add_argument("--backend", default=None, help="frame backend: reference, compiled (default: compiled on CUDA, "
                    "reference elsewhere)")
-    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="sampler (default: ddpm, the release's)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps, 1..50 (default: 20)")
+    p.add_argument("--sampler", default=None, choices=["ddpm", "ddim"],
+                   help="sampler (default: the avatar's recorded recipe's; without one ddpm, the release's)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps, 1..50 (default: the avatar's recorded recipe's; without one 20)")
+    p.add_argument("--decoder", default=None, choices=["vae", "tiny"],
+                   help="decoder: vae, or tiny (the avatar's trained tiny decoder; `avatar distill-decoder`) (default: "
+                   "the avatar's recorded recipe's; without one vae)")
     p.add_argument("--seed", type=int, default=None, help="fixed-noise seed (default: the avatar's, 181998)")
     add_device_option(p)
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],

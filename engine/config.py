@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .recipe import Recipe, TinyDecoderConfig
 from .schema import build_dataclass, check_positive
 from .trained_on import TrainedOn
 
@@ -217,6 +218,8 @@ class AvatarConfig:
     synthetic_version: int | None = None  # the synthetic generator's version for avatars trained on its data
     trained_on: TrainedOn | None = None  # the training cameras' and codes' ranges and rig; None: not recorded
     noise_seed: int = 181998  # the release's fixed seed: same initial latent and step noise every frame
+    recipe: Recipe | None = None  # how it renders by default (engine.recipe); None: the release's, DDPM 20 + VAE
+    tiny_decoder: TinyDecoderConfig | None = None  # its trained tiny decoder's shape; None: it has none
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
@@ -240,6 +243,11 @@ class AvatarConfig:
             raise ConfigError(
                 f"expression_names has {len(self.expression_names)} names for a {self.expression_dim}-value code"
             )
+        if self.tiny_decoder is not None:
+            self.tiny_decoder.check_fits(self.vae.latent_channels, self.vae.downsample)
+        if self.recipe is not None and self.recipe.decoder == "tiny" and self.tiny_decoder is None:
+            raise ConfigError("the recipe decodes with the tiny decoder but the avatar has none; train one with "
+                              "`avatar distill-decoder`, or record decoder 'vae'")
         if self.trained_on is not None:
             if len(self.trained_on.code_min) != self.expression_dim:
                 raise ConfigError(f"trained_on records {len(self.trained_on.code_min)} code dimensions for a "
@@ -252,6 +260,11 @@ class AvatarConfig:
     @property
     def latent_size(self) -> int:
         return self.image_size // self.vae.downsample
+
+    @property
+    def default_recipe(self) -> Recipe:
+        """The recorded recipe, else the release's (DDPM, 20 steps, the VAE decoder)."""
+        return self.recipe or Recipe()
 
     @property
     def condition_channels(self) -> int:

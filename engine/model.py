@@ -25,10 +25,13 @@ from .errors import CheckpointError, ConfigError, InputError
 from .expression import TOKENS_KWARG, add_expression_attention, expression_attention_paths
 from .files import atomic_path, check_state_dict, read_json, write_atomic
 from .init import seeded_init, training_init
+from .tiny_decoder import build_tiny_decoder
 
 FORMAT = "diffusion-avatars-engine/avatar"
 # 2: the config records what the avatar was trained on (`AvatarConfig.trained_on`); version 1 folders load with None
-FORMAT_VERSION = 2
+# 3: its recipe and tiny decoder (`AvatarConfig.recipe`, `.tiny_decoder`); older folders load with None (no tiny
+#    decoder, the release's recipe)
+FORMAT_VERSION = 3
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INITS = ("random", "training")
@@ -63,7 +66,8 @@ class Avatar(nn.Module):
         root: folder that a relative `mesh:<file>` head model resolves against.
     Attributes: `unet`, `controlnet`, `vae` (diffusers), `expression_proj` (nn.Linear, the release's
     `expression_codes_mlp`), `textures` (NeuralTextures), buffer `prompt_embedding` `[1, L, D]` float32,
-    `head_model` (plain attribute: `engine.heads.HeadModel` or None).
+    `head_model` (plain attribute: `engine.heads.HeadModel` or None), `tiny_decoder` (`engine.tiny_decoder`, with
+    `config.tiny_decoder`; else None).
     """
 
     def __init__(self, config: AvatarConfig, init: str = "random", seed: int = 0, root: str | Path | None = None):
@@ -95,6 +99,7 @@ class Avatar(nn.Module):
             self.expression_proj = nn.Linear(config.expression_dim, config.expression_tokens * config.token_dim)
             self.textures = NeuralTextures(config.conditioning)
             self.register_buffer("prompt_embedding", torch.zeros(1, config.prompt_length, config.token_dim))
+            self.tiny_decoder = None if config.tiny_decoder is None else build_tiny_decoder(config.tiny_decoder)
         # The head model holds real data even when the networks stay on meta (e.g. `avatar info`).
         with torch.device("cpu"):
             head = _load_head_model(config.head_model, self.root)
@@ -174,14 +179,27 @@ class Avatar(nn.Module):
             return_dict=False,
         )[0]
 
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+    def decode(self, latent: torch.Tensor, decoder: str = "vae") -> torch.Tensor:
         """Latent `[B, c, h, w]` -> image `[B, 3, fh, fw]` (f = config.vae.downsample), nominally in [-1, 1] (not
-        clamped, like the release, which clamps when converting to 8-bit)."""
+        clamped, like the release, which clamps when converting to 8-bit). `decoder`: "vae" (the release's) or
+        "tiny" (the avatar's trained tiny decoder, `tiny_decoder`)."""
         if latent.dim() != 4 or latent.shape[1] != self.config.vae.latent_channels:
             raise InputError(
                 f"decode needs a latent [B, {self.config.vae.latent_channels}, h, w], got {tuple(latent.shape)}"
             )
+        if decoder == "tiny":
+            return self.check_decoder(decoder)(latent)
+        self.check_decoder(decoder)
         return self.vae.decode(latent / self.config.vae.scaling_factor, return_dict=False)[0]
+
+    def check_decoder(self, decoder: str) -> nn.Module:
+        """The module of `decoder` ("vae" or "tiny"); ConfigError for another name or a tiny decoder it lacks."""
+        if decoder not in ("vae", "tiny"):
+            raise ConfigError(f"unknown decoder {decoder!r}; choose 'vae' or 'tiny'")
+        if decoder == "tiny" and self.tiny_decoder is None:
+            raise ConfigError(f"avatar {self.config.name!r} has no tiny decoder; train one with `avatar "
+                              "distill-decoder`, or use decoder='vae'")
+        return self.tiny_decoder if decoder == "tiny" else self.vae.decoder
 
     def _check_predict(self, latent, timestep, condition, tokens) -> None:
         c = self.config
@@ -224,6 +242,7 @@ class Avatar(nn.Module):
             "vae_encoder": _count(vae.encoder) + _count(getattr(vae, "quant_conv", None)),
             "vae_decoder": _count(vae.decoder) + _count(getattr(vae, "post_quant_conv", None)),
             "textures": _count(self.textures),
+            **({"tiny_decoder": _count(self.tiny_decoder)} if self.tiny_decoder is not None else {}),
         }
 
     # -- the avatar folder ------------------------------------------------------------------------

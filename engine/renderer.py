@@ -35,6 +35,7 @@ from .geometry import Camera, Mesh
 from .heads import code_range
 from .model import Avatar
 from .raster import rasterize, resolve_backend as resolve_raster_backend
+from .recipe import Recipe
 from .sampling import FixedNoise, NoiseSchedule, make_sampler
 from .trained_on import CODE_SLACK
 
@@ -64,7 +65,11 @@ class Renderer:
             `compiled` backend, which makes its own half-precision networks, the UNet, ControlNet and VAE are not
             copied to the device at full precision at all (they stay where the caller has them).
         device: "cpu", "cuda", "cuda:N" or "auto" (CUDA when present), or a torch.device (`resolve_device`).
-        sampler: "ddpm" (the release's) or "ddim"; steps: 1..50.
+        sampler: "ddpm" (the release's) or "ddim"; steps: 1..50; decoder: "vae" (the release's) or "tiny" (the
+            avatar's trained tiny decoder, `Avatar.tiny_decoder`). Each one not given is the avatar's recorded recipe's
+            (`AvatarConfig.recipe`; without one the release's: DDPM, 20 steps, the VAE); `self.recipe` is what it
+            renders with. A backend without a tiny decoder (an export of the VAE's) renders a recipe's "tiny" with
+            its VAE decoder (a warning); asked for by `decoder="tiny"` it is a ConfigError.
         seed: the fixed-noise seed (default: the avatar config's `noise_seed`, the release's 181998). The release's
             design: the initial latent and every step's noise are drawn once from this seed and reused for every
             frame and every frame of a batch, so a frame depends only on its camera, code and mesh (no flicker
@@ -95,14 +100,15 @@ class Renderer:
         self,
         avatar: Avatar,
         device: str | torch.device = "cpu",
-        sampler: str = "ddpm",
-        steps: int = 20,
+        sampler: str | None = None,
+        steps: int | None = None,
         seed: int | None = None,
         dtype: torch.dtype | str | None = None,
         raster_backend: str = "auto",
         condition_backend: str = "auto",
         backend: str | None = None,
         backend_options: dict | None = None,
+        decoder: str | None = None,
     ):
         if not isinstance(avatar, Avatar):
             raise ConfigError(f"Renderer needs an engine.model.Avatar, got {type(avatar).__name__}; load one with "
@@ -110,6 +116,7 @@ class Renderer:
         self.device = resolve_device(device, allow_meta=True)
         backend = backend or default_backend(self.device, (backend_options or {}).get("engines"))
         cls, options = backend_class(backend), dict(backend_options or {})
+        decoder = self._decoder(avatar, backend, cls, options, decoder)
         weights = weight_dtype(avatar)
         dtype = resolve_dtype(dtype) if dtype is not None else None if weights == torch.float32 else weights
         try:
@@ -121,7 +128,10 @@ class Renderer:
                               "Avatar.from_pretrained(folder) or Avatar.from_preset(name) outside torch.device('meta')")
         config = avatar.config
         self.config = config
-        self.sampler = make_sampler(sampler, NoiseSchedule(config.schedule), steps)
+        recipe = config.default_recipe
+        self.sampler = make_sampler(sampler or recipe.sampler, NoiseSchedule(config.schedule),
+                                    recipe.steps if steps is None else steps)
+        self.recipe = Recipe(self.sampler.name, self.sampler.num_steps, decoder)
         # float32 weights stay float32 (a half dtype then runs them under autocast, the release's way)
         placed = weights if dtype is None or weights in (torch.float32, dtype) else dtype
         self.avatar = copy_module(avatar, self.device, placed, keep=cls.own_networks, float32=("textures",),
@@ -135,6 +145,28 @@ class Renderer:
             self.backend.use_conditioner(condition_backend)
         self.dtype = self.backend.dtype
         self._warned: set[str] = set()
+
+    @staticmethod
+    def _decoder(avatar: Avatar, backend: str, cls, options: dict, decoder: str | None) -> str:
+        """The decoder to render with (`decoder`, else the recipe's), put into the backend's `options` where it
+        takes one; a backend option "decoder" of its own (the compiled backend's timing decoder) wins."""
+        if "decoder" in options:
+            if decoder is not None and decoder != options["decoder"]:
+                raise ConfigError(f"decoder={decoder!r} and backend_options decoder={options['decoder']!r} differ; "
+                                  "give one of them")
+            return options["decoder"]
+        chosen = decoder or avatar.config.default_recipe.decoder
+        avatar.check_decoder(chosen)
+        if "decoder" in inspect.signature(cls).parameters:
+            options["decoder"] = chosen
+        elif chosen == "tiny":
+            if decoder is not None:
+                raise ConfigError(f"backend {backend!r} has no tiny decoder (its export holds the VAE's); use "
+                                  "decoder='vae', or backend 'reference' or 'compiled'")
+            warnings.warn(f"backend {backend!r} has no tiny decoder: avatar {avatar.config.name!r}'s recipe renders "
+                          "with its VAE decoder here", stacklevel=3)
+            chosen = "vae"
+        return chosen
 
     # -- lifetime --------------------------------------------------------------------------------
     def close(self) -> None:
@@ -263,6 +295,22 @@ class Renderer:
         `output_type` "pil" a list of B PIL images, "pt" a float32 CPU tensor [B, 3|4, H, W] in [0, 1]
         (`engine.frame.to_output`). `expressions`: [B, E] or B codes (each E numbers or a {name: value} dict)."""
         check_output_type(output_type)
+        condition, tokens, raster = self._inputs(cameras, expressions, meshes)
+        rgb = self.backend.frame(condition, tokens)
+        if alpha:
+            a = (raster.mask > 0.5).to(torch.uint8) * 255
+            rgb = torch.cat([rgb, a.to(rgb.device)], dim=-1)
+        return to_output(rgb.cpu().numpy(), output_type)
+
+    @torch.no_grad()
+    def latents(self, cameras: Sequence[Camera], expressions, meshes: Sequence[Mesh | None] | None = None):
+        """The final latents `[B, c, h, w]` float32 (on the device) of the frames `render_batch` would render from
+        these inputs, before decoding (what `avatar distill-decoder` trains a tiny decoder on)."""
+        condition, tokens, _ = self._inputs(cameras, expressions, meshes)
+        return self.backend.denoise(condition, tokens).float()
+
+    def _inputs(self, cameras, expressions, meshes):
+        """B frames' inputs checked -> (condition, tokens, RasterBuffers) on the device."""
         self._check_open()
         if isinstance(cameras, Camera) or not isinstance(cameras, Sequence):
             raise InputError(f"render_batch takes a list of cameras, got {type(cameras).__name__}; use "
@@ -280,11 +328,7 @@ class Renderer:
         buffers = [rasterize(mesh.to(self.device), cam, backend=self.raster_backend, znear=cfg.znear, zfar=cfg.zfar)
                    for cam, mesh in inputs]
         raster = buffers[0] if len(buffers) == 1 else type(buffers[0]).cat(buffers)
-        rgb = self.backend.frame(self.backend.condition(raster), tokens)
-        if alpha:
-            a = (raster.mask > 0.5).to(torch.uint8) * 255
-            rgb = torch.cat([rgb, a.to(rgb.device)], dim=-1)
-        return to_output(rgb.cpu().numpy(), output_type)
+        return self.backend.condition(raster), tokens, raster
 
     def render(self, camera: Camera, expression, mesh: Mesh | None = None, alpha: bool = False,
                output_type: str = "np"):
@@ -302,16 +346,24 @@ class Renderer:
                              "frames")
         return self.render_batch([camera], codes, [mesh], alpha=alpha, output_type=output_type)[0]
 
-    def stream(self, frames: Iterable[Frame], alpha: bool = False, output_type: str = "np") -> Iterator:
-        """Render frames one after another, yielding them in order (each as `render` returns it): a plain loop on
-        the CPU; on CUDA the stream pipeline (`engine.pipeline.RenderPipeline`: upload, raster, denoise and
-        copy-back streams, two frames in flight), which yields the same frames."""
+    def stream(self, frames: Iterable[Frame], alpha: bool = False, output_type: str = "np",
+               depth: int = 2) -> Iterator:
+        """Render frames one after another, yielding them in order (each as `render` returns it).
+
+        `depth`: frames in flight. 1: each frame is finished before the next is taken, the lowest latency (live
+        use: `avatar serve`, `avatar drive`); 2 (default): on CUDA the next frame's host work, upload and
+        rasterisation overlap this one's denoising, more frames a second at about twice the latency (3: one more).
+        On CUDA the stream pipeline (`engine.pipeline.RenderPipeline`: upload, raster, denoise and copy-back
+        streams) yields the same frames at any depth; on the CPU, where every stage shares the cores, it is a
+        plain loop whatever the depth."""
         check_output_type(output_type)
         self._check_open()
+        if depth not in (1, 2, 3):
+            raise ConfigError(f"depth must be 1, 2 or 3 frames in flight, got {depth!r}")
         if self.device.type == "cuda":
             from .pipeline import RenderPipeline
 
-            for pixels in RenderPipeline(self, depth=2, alpha=alpha).run(frames):
+            for pixels in RenderPipeline(self, depth=depth, alpha=alpha).run(frames):
                 yield to_output(pixels[None], output_type)[0]
             return
         for frame in frames:

@@ -42,7 +42,7 @@ def test_round_trip_gives_identical_predictions(tiny_avatar, tmp_path):
     folder = tiny_avatar.save_pretrained(tmp_path / "a")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]  # no temp files
     meta = json.loads((folder / "config.json").read_text())
-    assert meta["format"] == "diffusion-avatars-engine/avatar" and meta["format_version"] == 2
+    assert meta["format"] == "diffusion-avatars-engine/avatar" and meta["format_version"] == 3
     with safe_open(folder / "model.safetensors", "pt") as f:
         assert f.metadata() == {"format": "pt"}
     loaded = Avatar.from_pretrained(folder)
@@ -135,7 +135,7 @@ def test_trained_on_round_trips_through_the_avatar_folder(saved, tmp_path):
     avatar.config = avatar.config.replace(trained_on=_record())
     folder = avatar.save_pretrained(tmp_path / "b")
     meta = json.loads((folder / "config.json").read_text())
-    assert meta["format_version"] == 2
+    assert meta["format_version"] == 3
     assert meta["trained_on"]["azimuth_deg"] == [-20.0, 20.0] and meta["trained_on"]["code_max"][7] == 0.5
     assert len(meta["trained_on"]["rig"]) == 2 and meta["trained_on"]["rig"][0]["width"] == 128
     loaded = Avatar.from_pretrained(folder).config

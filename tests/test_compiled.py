@@ -227,7 +227,9 @@ def test_bench_json_and_markdown(tmp_path):
     assert ref["backend"] == "reference" and fast["backend"] == "compiled"
     for case in (ref, fast):
         assert "error" not in case and case["fps"] > 0 and case["first_frame_ms"] > 0
+        assert case["depth1"] == {"fps": case["fps"], "latency": case["latency"]} and "depth2" not in case  # CPU
     assert {"upload", "rasterise", "condition", "step", "decode", "copy back"} <= set(ref["stages"])
     assert fast["fidelity"]["first_step_rel_err"] < 1e-4 and fast["fidelity"]["psnr_db"] > 40
     md = (tmp_path / "bench.md").read_text()
     assert "| backend | dtype |" in md and "Against the baseline" in md and "| compiled | float32 |" in md
+    assert "| fps, depth 1 | latency ms, depth 1 (p90) | fps, depth 2 |" in md

@@ -26,8 +26,8 @@ from engine.evaluation.scores import (
 from engine.model import Avatar
 from test_training import tiny_config, write_dataset
 
-KEYS = {"avatar", "data", "frames", "sampler", "steps", "psnr", "psnr_mask", "ssim", "autoencoder", "flicker",
-        "neutral", "per_frame", "weights"}
+KEYS = {"avatar", "data", "frames", "sampler", "steps", "decoder", "psnr", "psnr_mask", "ssim", "autoencoder",
+        "flicker", "neutral", "per_frame", "weights"}
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,8 @@ class CompiledBackend(Backend):
             graph in full precision). On random sd21-structured weights the first step's relative error against
             float32 is ~2e-3 in float16 and ~1.8e-2 in bfloat16 (autocast bfloat16 gives the same): same speed on
             Hopper, so float16 is the default.
-        decoder: "vae" (the avatar's) or "tiny" (TAESD-shaped, seeded random weights: for timing).
+        decoder: "vae" (the avatar's) or "tiny": the avatar's trained tiny decoder (`Avatar.tiny_decoder`), or for
+            an avatar without one a TAESD-shaped one with seeded random weights (for timing).
         graphs: capture CUDA graphs (default: on CUDA). channels_last: NHWC activations (default True).
         attention: "flash" (SDPA restricted to flash -> mem-efficient -> math) or "auto" (torch's order).
         parallel_controlnet: on CUDA, run each step's ControlNet on a second stream, concurrently with the

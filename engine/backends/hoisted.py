@@ -151,7 +151,9 @@ class HoistedNetworks(nn.Module):
                 self.decoder = copy_module(vae.decoder, device, dtype)
                 self.scale = float(avatar.config.vae.scaling_factor)
             elif decoder == "tiny":
-                self.post_quant_conv, self.decoder, self.scale = None, _tiny_decoder(avatar.config), 1.0
+                trained = getattr(avatar, "tiny_decoder", None)
+                tiny = _tiny_decoder(avatar.config) if trained is None else copy_module(trained, device, dtype)
+                self.post_quant_conv, self.decoder, self.scale = None, tiny, 1.0
             else:
                 raise ConfigError(f"unknown decoder {decoder!r}; choose 'vae' or 'tiny'")
             if self.post_quant_conv is not None:
@@ -242,7 +244,8 @@ def _quiet_diffusers():
 
 
 def _tiny_decoder(config) -> nn.Module:
-    """A TAESD-shaped decoder (diffusers `AutoencoderTiny`'s) with seeded random weights, for timing."""
+    """For an avatar without a trained tiny decoder: a TAESD-shaped one (diffusers `AutoencoderTiny`'s) with seeded
+    random weights, for timing."""
     from diffusers import AutoencoderTiny
 
     with torch.random.fork_rng(devices=[]):

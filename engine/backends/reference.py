@@ -15,7 +15,14 @@ from . import Backend
 
 
 class ReferenceBackend(Backend):
+    """The reference; `decoder`: "vae" (the release's) or "tiny" (the avatar's trained tiny decoder)."""
+
     name = "reference"
+
+    def __init__(self, avatar, sampler, noise, device, dtype=None, *, decoder: str = "vae"):
+        super().__init__(avatar, sampler, noise, device, dtype)
+        avatar.check_decoder(decoder)
+        self.decoder = decoder
 
     def _autocast(self):
         if self.dtype == torch.float32:
@@ -33,4 +40,4 @@ class ReferenceBackend(Backend):
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         with self._autocast():
-            return self.avatar.decode(latent).float()
+            return self.avatar.decode(latent, self.decoder).float()

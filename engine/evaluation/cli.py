@@ -15,12 +15,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="dataset folder: score its eval split (default: regenerate "
                    "held-out frames with the avatar's synthetic head)")
     p.add_argument("--frames", type=int, default=16, help="held-out frames, and flicker-sequence length (default: 16)")
-    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="sampler (default: ddpm, the release's)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
+    p.add_argument("--sampler", default=None, choices=["ddpm", "ddim"],
+                   help="sampler (default: the avatar's recorded recipe's, else ddpm, the release's)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the recipe's, else 20)")
+    p.add_argument("--decoder", default=None, choices=["vae", "tiny"], help="decoder (default: the recipe's, else vae)")
+    p.add_argument("--recipes", default=None, help="score several recipes side by side instead, comma-separated "
+                   "SAMPLER:STEPS[+DECODER] (e.g. ddim:1,ddim:2,ddim:4,ddpm:20): writes OUT.json, OUT.md and OUT.png "
+                   "(quality against measured frame time)")
+    p.add_argument("--decoders", default="vae", help="with --recipes: comma-separated decoders each recipe runs with "
+                   "(vae, tiny; default: vae)")
     p.add_argument("--seed", type=int, default=None, help="fixed-noise seed (default: the avatar's)")
     add_device_option(p)
     p.add_argument("--batch-size", type=int, default=4, help="frames rendered at once (default: 4)")
-    p.add_argument("--out", default=None, help="folder for metrics.json and grid.png")
+    p.add_argument("--out", default=None, help="folder for metrics.json and grid.png; with --recipes the stem of "
+                   "its three files (required there)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--lpips-weights", default=None, help="local state dict of a whole lpips.LPIPS module "
                    "(torch.save(lpips.LPIPS(net='alex').state_dict(), PATH)); needs `pip install lpips`")
@@ -32,20 +40,49 @@ def run(args: argparse.Namespace) -> None:
     from ..files import check_writable
     from ..model import WEIGHTS_FILE
 
+    if args.recipes is not None:
+        return _run_recipes(args)
     if args.out is not None:
         check_writable(args.out, "the evaluation folder", folder=True)
     avatar = load_avatar(args.avatar, device=args.device)
     folder = resolve_avatar(args.avatar).folder  # None for a preset: the state dict is hashed instead
     result = evaluate(avatar, data=args.data, frames=args.frames, sampler=args.sampler, steps=args.steps,
                       seed=args.seed, out=args.out, device=args.device, lpips_weights=args.lpips_weights,
-                      batch_size=args.batch_size, weights_file=folder / WEIGHTS_FILE if folder else None)
+                      batch_size=args.batch_size, weights_file=folder / WEIGHTS_FILE if folder else None,
+                      decoder=args.decoder)
     print(json.dumps(result, indent=1) if args.json else format_table(result))
+
+
+def _run_recipes(args: argparse.Namespace) -> None:
+    """`avatar eval --recipes`: score every recipe, write the JSON, Markdown and PNG files, print the table."""
+    from ..avatars import load_avatar, resolve_avatar
+    from ..errors import ConfigError
+    from ..files import check_writable
+    from ..model import WEIGHTS_FILE
+    from ..recipe import parse_recipes
+    from .recipes import evaluate_recipes, markdown, write_results
+
+    recipes = parse_recipes(args.recipes, args.decoders)
+    if args.out is None:
+        raise ConfigError("--recipes writes three files: give their stem with --out (e.g. --out results/demo-recipes)")
+    for ext in (".json", ".md", ".png"):
+        check_writable(args.out + ext, "a result file")
+    avatar = load_avatar(args.avatar, device=args.device)
+    for recipe in recipes:
+        avatar.check_decoder(recipe.decoder)
+    folder = resolve_avatar(args.avatar).folder
+    result = evaluate_recipes(avatar, recipes, data=args.data, frames=args.frames, device=args.device,
+                              batch_size=args.batch_size, seed=args.seed,
+                              weights_file=folder / WEIGHTS_FILE if folder else None)
+    files = write_results(result, args.out)
+    print(json.dumps(result, indent=1) if args.json else markdown(result))
+    print("wrote " + ", ".join(str(f) for f in files))
 
 
 def format_table(result: dict) -> str:
     """The short human-readable summary of an `evaluate` result."""
     lines = [(f"avatar {result['avatar']} on {result['frames']} held-out frames ({result['data']}; "
-              f"{result['sampler']} {result['steps']} steps)")]
+              f"{result['sampler']} {result['steps']} steps, {result['decoder']} decoder)")]
     rows = [("PSNR (frame)", "psnr", "dB"), ("PSNR (head mask)", "psnr_mask", "dB"), ("SSIM", "ssim", ""),
             ("LPIPS", "lpips", "")]
     lines += [f"  {name:<22} {_num(result[key], 8, 3)} {unit}" for name, key, unit in rows if key in result]

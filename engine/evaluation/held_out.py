@@ -86,18 +86,18 @@ def synthetic_frames(avatar, frames: int) -> tuple[list[HeldOutFrame], list[Held
     rng = np.random.default_rng(HELD_OUT_SEED)
     cameras = held_out_cameras(training_rig(avatar.config))
     codes = np.concatenate([combination_curve(rng, 2 * frames, dim) for _ in range(2)])[1::4][:frames]
-    held = [_synthetic(head, cameras[i % len(cameras)], codes[i], {"camera": f"heldout{i % len(cameras):02d}",
+    held = [synthetic_frame(head, cameras[i % len(cameras)], codes[i], {"camera": f"heldout{i % len(cameras):02d}",
                                                                     "frame": i}) for i in range(frames)]
     # the flicker sequence: one held-out camera drifting 4 degrees in yaw while the face moves smoothly
     base = cameras[len(cameras) // 2]
     curve = combination_curve(rng, frames, dim)
     drift = np.linspace(-2.0, 2.0, frames)
-    sequence = [_synthetic(head, turn_camera(base, math.radians(d)), curve[i], {"sequence": "flicker", "frame": i})
+    sequence = [synthetic_frame(head, turn_camera(base, math.radians(d)), curve[i], {"sequence": "flicker", "frame": i})
                 for i, d in enumerate(drift)]
     return held, sequence
 
 
-def _synthetic(head, camera: Camera, code: np.ndarray, label: dict) -> HeldOutFrame:
+def synthetic_frame(head, camera: Camera, code: np.ndarray, label: dict) -> HeldOutFrame:
     code = torch.from_numpy(np.asarray(code, np.float32))
     rgb, alpha = head.render(camera, code, supersample=2)
     image = (torch.as_tensor(rgb).float().permute(2, 0, 1) * 255).round().clamp(0, 255) / 255
@@ -112,17 +112,18 @@ def dataset_frames(root: str | Path, frames: int) -> tuple[list[HeldOutFrame], l
 
     data = AvatarDataset(root, "eval")
     picks = np.linspace(0, len(data) - 1, min(frames, len(data))).round().astype(int)
-    held = [_item(data[int(i)]) for i in picks]
+    held = [dataset_frame(data[int(i)]) for i in picks]
     runs: dict[tuple[str, str], list[int]] = {}
     for i, (seq, cam, _) in enumerate(data.samples):
         runs.setdefault((seq, cam), []).append(i)
     rank = {"both": 0, "sequence": 1, "camera": 2, "none": 3}
     key = min(runs, key=lambda k: (rank[data.index.holdout(*k)], -len(runs[k])))
-    sequence = [_item(data[i]) for i in runs[key][:frames]]
+    sequence = [dataset_frame(data[i]) for i in runs[key][:frames]]
     return held, sequence, data
 
 
-def _item(item: dict) -> HeldOutFrame:
+def dataset_frame(item: dict) -> HeldOutFrame:
+    """One dataset item as a `HeldOutFrame`."""
     image, mask = target_images([item])
     label = {"sequence": item["sequence"], "camera": item["camera_name"], "frame": int(item["frame"])}
     return HeldOutFrame(item["camera"], item["expression"], item["mesh"], image[0], mask[0], label)

@@ -72,8 +72,8 @@ def run(args) -> None:
     expression_map = ExpressionMap.for_avatar(avatar.config, args.map)
     total = args.frames if total is None else min(total, args.frames or total)
     fps = args.fps or fps
-    renderer = Renderer(avatar, device=args.device, sampler=args.sampler, steps=args.steps, seed=args.seed,
-                        dtype=args.dtype, raster_backend=args.raster, backend=args.backend)
+    renderer = Renderer(avatar, device=args.device, sampler=args.sampler, steps=args.steps, decoder=args.decoder,
+                        seed=args.seed, dtype=args.dtype, raster_backend=args.raster, backend=args.backend)
     camera = orbit_camera(size=avatar.config.image_size, distance=args.distance, fov_deg=args.fov)
     driver = Driver(expression_map, camera, Tracker(smooth=not args.no_smooth, fps=fps),
                     follow_pose=not args.fixed_camera)
@@ -94,7 +94,7 @@ def run(args) -> None:
         vcam = None
         with tqdm(total=total, desc="drive", unit="frame") as bar:
             try:
-                for image in renderer.stream(frames()):
+                for image in renderer.stream(frames(), depth=1):  # one frame in flight: the lowest latency
                     out = side_by_side(pending.popleft(), image) if args.side_by_side else image
                     if writer is not None:
                         writer.write(out)

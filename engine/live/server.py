@@ -19,9 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "only; anything else is reachable from other machines and prints a warning)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     parser.add_argument("--device", type=device, default="auto", help=f"torch device: {DEVICES} (default: auto)")
-    parser.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"],
-                        help="sampler (default: ddim, which stays sharp at few steps)")
-    parser.add_argument("--steps", type=int, default=2, help="default denoising steps (default: 2)")
+    parser.add_argument("--sampler", default=None, choices=["ddpm", "ddim"],
+                        help="sampler (default: the avatar's recorded recipe's; without one ddim, sharp at few steps)")
+    parser.add_argument("--steps", type=int, default=None, help="default denoising steps (default: the avatar's "
+                        "recorded recipe's; without one 2)")
     parser.add_argument("--max-steps", type=int, default=20, help="the most steps a client may choose (default: 20)")
     parser.add_argument("--backends", default=None, help="comma-separated backends clients may choose, the first "
                         "being the default (default: the device's default backend)")
@@ -41,8 +42,12 @@ def build_worker(args) -> RenderWorker:
 
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip()) if args.backends else \
         (default_backend(args.device),)
-    return RenderWorker(load_avatar(args.avatar, device=args.device), device=args.device, sampler=args.sampler,
-                        steps=args.steps, max_steps=args.max_steps, backends=backends, seed=args.seed,
+    avatar = load_avatar(args.avatar, device=args.device)
+    # Each request is rendered before the next is taken (one frame in flight); its decoder is the recipe's.
+    recipe = avatar.config.recipe
+    return RenderWorker(avatar, device=args.device, sampler=args.sampler or (recipe.sampler if recipe else "ddim"),
+                        steps=args.steps or (recipe.steps if recipe else 2), max_steps=args.max_steps,
+                        backends=backends, seed=args.seed,
                         dtype=args.dtype, raster_backend=args.raster, max_message_bytes=args.max_message_bytes,
                         expression_map=args.map)
 
