@@ -34,7 +34,7 @@ from .frame import Frame, as_codes, check_output_type, check_visible, to_output
 from .geometry import Camera, Mesh
 from .heads import code_range
 from .model import Avatar
-from .raster import rasterize, resolve_backend as resolve_raster_backend
+from .raster import MeshUploader, rasterize, resolve_backend as resolve_raster_backend
 from .recipe import Recipe
 from .sampling import FixedNoise, NoiseSchedule, make_sampler
 from .trained_on import CODE_SLACK
@@ -140,6 +140,7 @@ class Renderer:
         seed = config.noise_seed if seed is None else seed
         self.noise = FixedNoise(shape, self.sampler.num_steps, seed).to(self.device)
         self.raster_backend = resolve_raster_backend(raster_backend, self.device)
+        self._upload = MeshUploader(self.device)
         self.backend = cls(self.avatar, self.sampler, self.noise, self.device, dtype, **options)
         if condition_backend != "auto":
             self.backend.use_conditioner(condition_backend)
@@ -325,7 +326,7 @@ class Renderer:
                   for i, (cam, c, m) in enumerate(zip(cameras, codes, meshes))]
         tokens = self.avatar.expression_tokens(codes.to(self.device))
         cfg = self.config.conditioning
-        buffers = [rasterize(mesh.to(self.device), cam, backend=self.raster_backend, znear=cfg.znear, zfar=cfg.zfar)
+        buffers = [rasterize(self._upload(mesh), cam, backend=self.raster_backend, znear=cfg.znear, zfar=cfg.zfar)
                    for cam, mesh in inputs]
         raster = buffers[0] if len(buffers) == 1 else type(buffers[0]).cat(buffers)
         return self.backend.condition(raster), tokens, raster

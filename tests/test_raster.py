@@ -316,3 +316,20 @@ def test_backend_registry_and_errors():
         rasterize(head, cam, znear=0.0)
     with pytest.raises(InputError, match="Mesh, Camera"):
         rasterize(cam, head)
+
+
+def test_mesh_uploader_copies_a_topology_once_and_vertices_every_frame():
+    from engine.data.synthetic import SyntheticHead
+    from engine.raster import MeshUploader
+
+    head = SyntheticHead()
+    upload = MeshUploader("meta")  # a device other than the meshes': tensors move without computing anything
+    first, second = (upload(head.posed_mesh(torch.full((8,), v))) for v in (0.2, 0.7))
+    assert first.device.type == "meta" and second.vertices.device.type == "meta"
+    assert first.faces is second.faces and first.canonical is second.canonical  # uploaded once
+    assert first.vertices is not second.vertices
+    other = upload(Mesh(head.neutral_mesh().vertices, head.neutral_mesh().faces.clone(),
+                        head.neutral_mesh().canonical))
+    assert other.faces is not first.faces  # a new topology is uploaded
+    on_cpu = head.neutral_mesh()
+    assert MeshUploader("cpu")(on_cpu) is on_cpu

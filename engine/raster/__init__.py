@@ -153,4 +153,23 @@ def rasterize(
     return BACKENDS[backend](mesh, camera, float(znear), float(zfar))
 
 
-__all__ = ["RasterBuffers", "rasterize", "BACKENDS", "CHOICES", "default_backend", "resolve_backend"]
+class MeshUploader:
+    """Meshes onto `device` with their topology (faces, canonical coordinates) copied once: a head model's posed
+    meshes share those tensors (`Mesh.with_vertices`), so each frame copies only its vertices (and normals, if
+    given). Holds the last topology seen; a mesh already on the device is returned as it is."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self._source: tuple[torch.Tensor, torch.Tensor] | None = None  # the topology's host tensors
+        self._topology: Mesh | None = None  # a mesh on the device holding them
+
+    def __call__(self, mesh: Mesh) -> Mesh:
+        if mesh.device == self.device:
+            return mesh
+        if self._source is None or self._source[0] is not mesh.faces or self._source[1] is not mesh.canonical:
+            self._source, self._topology = (mesh.faces, mesh.canonical), mesh.to(self.device)
+        normals = None if mesh.normals is None else mesh.normals.to(self.device)
+        return self._topology.with_vertices(mesh.vertices.to(self.device), normals)
+
+
+__all__ = ["RasterBuffers", "rasterize", "BACKENDS", "CHOICES", "MeshUploader", "default_backend", "resolve_backend"]
