@@ -68,8 +68,9 @@ class Renderer:
         sampler: "ddpm" (the release's) or "ddim"; steps: 1..50; decoder: "vae" (the release's) or "tiny" (the
             avatar's trained tiny decoder, `Avatar.tiny_decoder`). Each one not given is the avatar's recorded recipe's
             (`AvatarConfig.recipe`; without one the release's: DDPM, 20 steps, the VAE); `self.recipe` is what it
-            renders with. A backend without a tiny decoder (an export of the VAE's) renders a recipe's "tiny" with
-            its VAE decoder (a warning); asked for by `decoder="tiny"` it is a ConfigError.
+            renders with. A backend without a tiny decoder (`tensorrt`: its engines hold the VAE's) renders a
+            recipe's "tiny" with its VAE decoder (a warning); asked for by `decoder="tiny"` it is a ConfigError. An
+            ONNX export without the tiny decoder's graph is a CheckpointError saying to export it again.
         seed: the fixed-noise seed (default: the avatar config's `noise_seed`, the release's 181998). The release's
             design: the initial latent and every step's noise are drawn once from this seed and reused for every
             frame and every frame of a batch, so a frame depends only on its camera, code and mesh (no flicker

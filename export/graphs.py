@@ -5,6 +5,8 @@
     denoiser       latent [B, c, h, w], timestep [B], cond_embedding,        once per step: ControlNet + UNet
                    tokens [B, T, D] -> v [B, c, h, w]                         with expression attention
     decoder        latent [B, c, h, w] -> image [B, 3, H, W] in [-1, 1]       once per frame (the VAE decoder)
+    tiny_decoder   latent [B, c, h, w] -> image [B, 3, H, W] in [-1, 1]       the avatar's trained tiny decoder
+                                                                              (`engine.tiny_decoder`), if it has one
     tokens         code [B, E] -> tokens [B, T, D]                           the expression projection
 
 Every input and output is float32 whatever the graph's compute dtype (casts sit inside the graphs), so a
@@ -34,7 +36,7 @@ from engine.backends.hoisted import check_sd_networks
 from engine.errors import ConfigError
 from engine.expression import TOKENS_KWARG
 
-GRAPHS = ("conditioning", "denoiser", "decoder", "tokens")
+GRAPHS = ("conditioning", "denoiser", "decoder", "tokens", "tiny_decoder")
 
 
 class Float32(nn.Module):
@@ -190,6 +192,22 @@ class DecoderGraph(nn.Module):
         return self.decoder(z).float()
 
 
+class TinyDecoderGraph(nn.Module):
+    """latent `[B, c, h, w]` float32 -> image `[B, 3, H, W]` float32 (`Avatar.decode(latent, "tiny")`: the trained
+    tiny decoder takes the diffusion latent as it is)."""
+
+    def __init__(self, avatar, dtype: torch.dtype):
+        super().__init__()
+        if avatar.tiny_decoder is None:
+            raise ConfigError(f"avatar {avatar.config.name!r} has no tiny decoder to export; train one with `avatar "
+                              "distill-decoder`, or leave the tiny_decoder graph out")
+        self.dtype = dtype
+        self.decoder = graph_copy(avatar.tiny_decoder, dtype)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.decoder(latent.to(self.dtype)).float()
+
+
 class TokensGraph(nn.Module):
     """Expression code `[B, E]` float32 -> tokens `[B, T, D]` float32 (`Avatar.expression_tokens`; always
     float32: a single small linear layer)."""
@@ -207,7 +225,8 @@ def graph_module(name: str, avatar, dtype: torch.dtype) -> nn.Module:
     """The module of graph `name` (one of `GRAPHS`)."""
     if name == "tokens":
         return TokensGraph(avatar)
-    return {"conditioning": ConditioningGraph, "denoiser": DenoiserGraph, "decoder": DecoderGraph}[name](avatar, dtype)
+    return {"conditioning": ConditioningGraph, "denoiser": DenoiserGraph, "decoder": DecoderGraph,
+            "tiny_decoder": TinyDecoderGraph}[name](avatar, dtype)
 
 
 def example_inputs(name: str, config, batch: int) -> dict[str, torch.Tensor]:
@@ -224,14 +243,15 @@ def example_inputs(name: str, config, batch: int) -> dict[str, torch.Tensor]:
         return {"latent": randn(batch, c, h, h), "timestep": torch.full((batch,), 500.0),
                 "cond_embedding": randn(*output_shape("conditioning", config, batch)),
                 "tokens": randn(batch, config.expression_tokens, config.token_dim)}
-    if name == "decoder":
+    if name in ("decoder", "tiny_decoder"):
         return {"latent": randn(batch, c, h, h)}
     if name == "tokens":
         return {"code": randn(batch, config.expression_dim)}
     raise ConfigError(f"unknown graph {name!r}; choose one of {GRAPHS}")
 
 
-OUTPUTS = {"conditioning": "cond_embedding", "denoiser": "v", "decoder": "image", "tokens": "tokens"}
+OUTPUTS = {"conditioning": "cond_embedding", "denoiser": "v", "decoder": "image", "tokens": "tokens",
+           "tiny_decoder": "image"}
 
 
 def output_shape(name: str, config, batch: int) -> list[int]:
@@ -239,4 +259,5 @@ def output_shape(name: str, config, batch: int) -> list[int]:
     c, h = config.vae.latent_channels, config.latent_size
     return {"conditioning": [batch, config.unet.block_out_channels[0], h, h], "denoiser": [batch, c, h, h],
             "decoder": [batch, 3, config.image_size, config.image_size],
+            "tiny_decoder": [batch, 3, config.image_size, config.image_size],
             "tokens": [batch, config.expression_tokens, config.token_dim]}[name]

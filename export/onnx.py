@@ -1,6 +1,6 @@
 """`export_onnx`: an avatar's networks as static-shape ONNX graphs plus a manifest, in one folder.
 
-Per graph (`export.graphs`: conditioning, denoiser, decoder, tokens):
+Per graph (`export.graphs`: conditioning, denoiser, decoder, tokens, and the tiny decoder where the avatar has one):
 1. `torch.onnx.export(module, inputs, dynamo=True, opset_version=opset, optimize=True)`: torch.export traces the
    module, onnxscript's optimizer folds constants and removes dead nodes;
 2. onnxslim (`slim=True`, graphs under `EXTERNAL_BYTES`): a second constant-folding / fusion pass;
@@ -42,13 +42,14 @@ ONNX_TYPES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32
 
 
 def export_onnx(avatar, out: str | os.PathLike, dtype: str = "float32", batch: int = 1, opset: int | None = None,
-                graphs: tuple[str, ...] = GRAPHS, slim: bool = True, verify: bool = True, log=None) -> dict:
+                graphs: tuple[str, ...] | None = None, slim: bool = True, verify: bool = True, log=None) -> dict:
     """Export `avatar` (an `engine.model.Avatar` with weights on the CPU; unchanged) to the folder `out`; returns the
     manifest (also written to `out/manifest.json`, format in `export.manifest`).
 
     dtype: the graphs' compute dtype ("float32", "float16", "bfloat16"; inputs and outputs stay float32);
     batch: the static batch size; opset: 18 or newer (22 or newer for bfloat16; default: the lowest that works);
-    graphs: a subset of `GRAPHS`; slim: run onnxslim;
+    graphs: a subset of `GRAPHS` (default: all of them, the tiny decoder's where the avatar has one); slim: run
+    onnxslim;
     verify: compare each graph with its torch module in ONNX Runtime (skipped for graphs with external data);
     log: a callable taking one line of progress (e.g. print). ConfigError for bad arguments or an unwritable or
     occupied `out`; BackendError when the exporter or a check fails.
@@ -63,6 +64,8 @@ def export_onnx(avatar, out: str | os.PathLike, dtype: str = "float32", batch: i
     if not isinstance(opset, int) or opset < low:
         why = " for bfloat16 graphs (opset 18's Conv has no bfloat16)" if dtype == "bfloat16" else ""
         raise ConfigError(f"opset must be {low} or newer{why}, got {opset!r}")
+    if graphs is None:
+        graphs = tuple(g for g in GRAPHS if g != "tiny_decoder" or avatar.tiny_decoder is not None)
     unknown = [g for g in graphs if g not in GRAPHS]
     if unknown or not graphs:
         raise ConfigError(f"unknown graph(s) {unknown}; choose from {list(GRAPHS)}")

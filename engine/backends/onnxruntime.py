@@ -4,7 +4,8 @@
                                  embedding [B, C0, h, w], once per frame; the tokens are passed on as float32
     predict(i, sample, state)    denoiser.onnx: (latent, timestep = sampler.timesteps[i], cond_embedding, tokens)
                                  -> v [B, c, h, w], once per step (the timestep is a graph input: any sampler)
-    decode(latent)               decoder.onnx: latent -> image [B, 3, H, W] in [-1, 1]
+    decode(latent)               decoder.onnx (or tiny_decoder.onnx for decoder="tiny"): latent -> image
+                                 [B, 3, H, W] in [-1, 1]
 The loop (fixed noise, sampler steps), rasterising, conditioning and the expression tokens stay the shared torch
 code. Inputs and outputs are bound to torch tensors' memory (IOBinding: no copies through numpy), every graph
 input and output is float32 (a half-precision graph casts inside).
@@ -24,7 +25,8 @@ from ..devices import DTYPES
 from ..errors import BackendError, CheckpointError, ConfigError, InputError
 from . import Backend
 
-NEEDED = ("conditioning", "denoiser", "decoder")
+NEEDED = ("conditioning", "denoiser")  # and the decoder's graph: DECODER_GRAPHS
+DECODER_GRAPHS = {"vae": "decoder", "tiny": "tiny_decoder"}
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
@@ -34,6 +36,8 @@ class OnnxRuntimeBackend(Backend):
     Args (the first five are the registry's): avatar, sampler, noise, device, dtype (None: the graphs' own;
         otherwise it must be the dtype they were exported in),
         engines: the export folder (`manifest.json` + the graphs).
+        decoder: "vae" (the `decoder` graph) or "tiny" (the `tiny_decoder` graph, exported where the avatar has a
+            trained tiny decoder).
         providers: ONNX Runtime execution providers in order of preference (a list or a comma-separated
             string); default: on CUDA the TensorRT and CUDA providers the installed onnxruntime has, then the
             CPU provider; on the CPU the CPU provider.
@@ -46,8 +50,8 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
 
-    def __init__(self, avatar, sampler, noise, device, dtype=None, *, engines=None, providers=None,
-                 threads: int | None = None, spinning: bool = False, check_weights: bool = True):
+    def __init__(self, avatar, sampler, noise, device, dtype=None, *, engines=None, decoder: str = "vae",
+                 providers=None, threads: int | None = None, spinning: bool = False, check_weights: bool = True):
         super().__init__(avatar, sampler, noise, device, dtype)
         if engines is None:
             raise ConfigError("the onnxruntime backend needs an export folder: Renderer(..., backend='onnxruntime', "
@@ -61,10 +65,13 @@ class OnnxRuntimeBackend(Backend):
         want = None if dtype is None else str(dtype).removeprefix("torch.")
         check_manifest(self.manifest, avatar, dtype=want, source=f"the engines in {self.engines}",
                        weights=check_weights)
-        missing = [g for g in NEEDED if g not in self.manifest["graphs"]]
+        avatar.check_decoder(decoder)
+        self._decoder = DECODER_GRAPHS[decoder]
+        needed = (*NEEDED, self._decoder)
+        missing = [g for g in needed if g not in self.manifest["graphs"]]
         if missing:
-            raise CheckpointError(f"the engines in {self.engines} have no {missing} graph(s); export them "
-                                  "(`avatar export --to onnx` writes all)")
+            raise CheckpointError(f"the engines in {self.engines} have no {missing} graph(s); export them again "
+                                  "(`avatar export --to onnx` writes all, the tiny decoder's where the avatar has one)")
         self.dtype = DTYPES[self.manifest["dtype"]]
         self.batch = int(self.manifest["batch"])
         self.providers = self._providers(ort, providers)
@@ -75,7 +82,7 @@ class OnnxRuntimeBackend(Backend):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.sessions, self._outputs = {}, {}
-        for name in NEEDED:
+        for name in needed:
             graph = self.manifest["graphs"][name]
             try:
                 self.sessions[name] = ort.InferenceSession(str(self.engines / graph["file"]), options,
@@ -148,7 +155,7 @@ class OnnxRuntimeBackend(Backend):
                          tokens=tokens)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        return self._run("decoder", latent=latent)
+        return self._run(self._decoder, latent=latent)
 
     def close(self) -> None:
         """Free the sessions."""
