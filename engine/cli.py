@@ -30,6 +30,7 @@ COMMANDS = {
     "fit-driver": ("engine.live.fit", "fit the tracker-to-code map of an avatar on its training frames"),
     "serve": ("engine.live.server", "serve the browser viewer and the code-stream WebSocket"),
     "distill-decoder": ("engine.training.decoder_cli", "train an avatar's tiny decoder from its own latents"),
+    "distill": ("engine.training.student_cli", "distil an avatar into a 1- or 2-step student of its reference frames"),
     "export": ("export.command", "export an avatar's networks as ONNX graphs (for --backend onnxruntime) or "
                "TensorRT engines (--backend tensorrt)"),
 }

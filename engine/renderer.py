@@ -311,6 +311,13 @@ class Renderer:
         condition, tokens, _ = self._inputs(cameras, expressions, meshes)
         return self.backend.denoise(condition, tokens).float()
 
+    @torch.no_grad()
+    def frame_inputs(self, cameras: Sequence[Camera], expressions, meshes: Sequence[Mesh | None] | None = None):
+        """(condition `[B, C, H, W]`, tokens `[B, T, D]`) of these frames on the device, checked as `render_batch`
+        checks them: what the denoiser sees (`avatar distill` feeds a student with them)."""
+        condition, tokens, _ = self._inputs(cameras, expressions, meshes)
+        return condition, tokens
+
     def _inputs(self, cameras, expressions, meshes):
         """B frames' inputs checked -> (condition, tokens, RasterBuffers) on the device."""
         self._check_open()

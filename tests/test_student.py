@@ -1,0 +1,114 @@
+"""`avatar distill` (`engine.training.student`): a few-step student regressed onto its teacher's reference latents."""
+
+import json
+
+import pytest
+import torch
+
+from engine.cli import main
+from engine.config import from_preset
+from engine.errors import CheckpointError, ConfigError
+from engine.model import Avatar
+from engine.recipe import Recipe
+from engine.renderer import Renderer
+from engine.sampling import FixedNoise, NoiseSchedule, make_sampler
+from engine.sequence import orbit
+from engine.training.student import (
+    StudentConfig,
+    StudentModule,
+    check_structure,
+    check_teacher,
+    distill_student,
+    teacher_latents,
+)
+
+FAST = dict(teacher_recipe="ddim:3", frames=4, batch_size=2, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def teacher_folder(tmp_path_factory):
+    """A random-weight tiny avatar on the synthetic head (which poses the frames the targets are rendered for)."""
+    config = from_preset("tiny").replace(head_model="synthetic", synthetic_version=1)
+    return Avatar(config, seed=1).save_pretrained(tmp_path_factory.mktemp("teacher") / "teacher")
+
+
+@pytest.fixture
+def teacher(teacher_folder):
+    return Avatar.from_pretrained(teacher_folder)
+
+
+def test_the_loss_falls_on_fixed_teacher_targets(teacher):
+    frames = orbit(teacher.config, frames=3)[:2]
+    with Renderer(teacher, sampler="ddim", steps=1, backend="reference") as r:
+        condition, tokens = r.frame_inputs([f.camera for f in frames], torch.stack([torch.as_tensor(f.expression)
+                                                                                   for f in frames]))
+    target = teacher_latents(teacher, [_Frame(f, teacher) for f in frames], Recipe("ddim", 4), 2, "targets")
+    student = teacher  # a fresh load of the teacher: trained in place
+    student.requires_grad_(False)
+    for net in (student.controlnet, student.unet):
+        net.requires_grad_(True)
+    sampler = make_sampler("ddim", NoiseSchedule(teacher.config.schedule), 1)
+    shape = (teacher.config.vae.latent_channels, teacher.config.latent_size, teacher.config.latent_size)
+    module = StudentModule(student, sampler, FixedNoise(shape, 1, teacher.config.noise_seed), 1.0).train()
+    optimiser = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(12):
+        loss = module(condition, tokens, target)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert student.vae.decoder.conv_in.weight.grad is None  # the decoder is frozen
+
+
+class _Frame:
+    """An orbit frame as teacher_latents reads it (camera, code, mesh)."""
+
+    def __init__(self, frame, avatar):
+        self.camera, self.code = frame.camera, torch.as_tensor(frame.expression, dtype=torch.float32)
+        self.mesh = avatar.head_model.posed_mesh(self.code)
+
+
+def test_resume_is_exact_and_the_student_renders_its_recipe(teacher, tmp_path):
+    config = StudentConfig(steps=1, iterations=4, **FAST)
+    whole = distill_student(teacher, tmp_path / "whole", config, held_out=0, checkpoint_every=2)
+    part = distill_student(teacher, tmp_path / "part", config, held_out=0, max_minutes=0)
+    assert not part["done"] and part["step"] == 1
+    with pytest.raises(CheckpointError, match="pass --resume"):
+        distill_student(teacher, tmp_path / "part", config, held_out=0)
+    other = StudentConfig(steps=1, iterations=5, **FAST)
+    with pytest.raises(CheckpointError, match="other settings"):
+        distill_student(teacher, tmp_path / "part", other, held_out=0, resume=True)
+    assert distill_student(teacher, tmp_path / "part", config, held_out=0, resume=True)["done"] and whole["done"]
+    a, b = (Avatar.from_pretrained(tmp_path / name) for name in ("whole", "part"))
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert not torch.equal(a.unet.conv_in.weight, teacher.unet.conv_in.weight)  # it trained
+    assert torch.equal(a.vae.decoder.conv_in.weight, teacher.vae.decoder.conv_in.weight)  # the decoder did not
+    assert str(a.config.recipe) == "ddim:1+vae"
+    f = orbit(a.config, frames=3)[1]
+    with Renderer(a) as own, Renderer(a, sampler="ddim", steps=1) as told:
+        assert own.recipe.steps == 1 and (own.render(f.camera, f.expression) == told.render(f.camera,
+                                                                                          f.expression)).all()
+    assert json.loads((tmp_path / "whole" / "distilled.json").read_text())["settings"]["steps"] == 1
+
+
+def test_bad_arguments(teacher, tmp_path, capsys):
+    for bad in (dict(steps=3), dict(steps=2, teacher_recipe="ddim:2"), dict(iterations=0)):
+        with pytest.raises(ConfigError):
+            StudentConfig(**bad)
+    with pytest.raises(SystemExit) as e:
+        main(["distill", "--teacher", "tiny", "--steps", "3", "--out", str(tmp_path / "s")])
+    assert e.value.code == 2
+    assert "invalid choice: 3" in capsys.readouterr().err
+    (tmp_path / "not-an-avatar").mkdir()
+    assert main(["distill", "--teacher", str(tmp_path / "not-an-avatar"), "--steps", "1",
+                 "--out", str(tmp_path / "s")]) == 2
+    assert "avatar distill: error:" in capsys.readouterr().err and not (tmp_path / "s").exists()
+    with pytest.raises(ConfigError, match="engine.model.Avatar"):
+        check_teacher("a folder name")
+    wrong = Avatar(from_preset("tiny"), seed=3)
+    wrong.unet.conv_in = torch.nn.Conv2d(wrong.unet.conv_in.in_channels, 8, 3)
+    with pytest.raises(ConfigError, match="does not match its teacher's structure"):
+        check_structure(wrong, teacher)
