@@ -2,10 +2,11 @@
 
 from .config import AvatarConfig, from_preset
 from .errors import AvatarError, BackendError, CheckpointError, ConfigError, FormatError, InputError
+from .recipe import Recipe
 
 __all__ = [
     "Avatar", "AvatarConfig", "AvatarError", "BackendError", "Camera", "CheckpointError", "ConfigError",
-    "FormatError", "Frame", "InputError", "Mesh", "Renderer", "from_preset", "rasterize",
+    "FormatError", "Frame", "InputError", "Mesh", "Recipe", "Renderer", "from_preset", "rasterize",
 ]
 
 
