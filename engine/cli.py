@@ -24,6 +24,8 @@ COMMANDS = {
     "make-data": ("engine.data.write_synthetic", "write a synthetic multi-view training dataset"),
     "import-nersemble": ("engine.data.import_nersemble",
                          "convert the release's tracked NeRSemble data into a training dataset"),
+    "import-release": ("engine.release_import",
+                       "import one person of the authors' released checkpoint onto a local SD 2.1 folder"),
     "train": ("engine.training.cli", "train an avatar on a dataset (accelerate: CPU, one or several GPUs)"),
     "eval": ("engine.evaluation.cli", "render held-out frames and report PSNR, SSIM and flicker"),
     "drive": ("engine.live.drive", "drive an avatar from a video or a webcam (expression transfer)"),

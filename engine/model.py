@@ -247,7 +247,7 @@ class Avatar(nn.Module):
 
     # -- the avatar folder ------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> Path:
-        """Write `config.json` + `model.safetensors` (+ the head mesh file for a `mesh:<file>` head model).
+        """Write `config.json` + `model.safetensors` (+ the head model file of a file-backed head model, `mesh:<file>` or `learned:<file>`).
 
         Every file is written under a temporary name and renamed, config.json last, so an interrupted save
         never leaves a half-written file behind. Returns the folder.
@@ -257,9 +257,9 @@ class Avatar(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = self.config
-        mesh = _existing_mesh_file(config.head_model, self.root)
+        mesh = _existing_head_file(config.head_model, self.root)
         if mesh is not None:
-            config = config.replace(head_model=f"mesh:{mesh.name}")
+            config = config.replace(head_model=f"{config.head_model.strip().partition(':')[0]}:{mesh.name}")
             if not (folder / mesh.name).exists() or not (folder / mesh.name).samefile(mesh):
                 with atomic_path(folder / mesh.name) as tmp:
                     shutil.copyfile(mesh, tmp)
@@ -360,11 +360,12 @@ def _load_head_model(spec: str, root: Path | None):
     return load_head_model(spec, root=root)
 
 
-def _existing_mesh_file(spec: str, root: Path | None) -> Path | None:
-    """The file of a `mesh:<file>` head model (`engine.heads.mesh_file`), else None; CheckpointError if missing."""
-    from .heads import mesh_file
+def _existing_head_file(spec: str, root: Path | None) -> Path | None:
+    """The file of a file-backed head model such as `mesh:<file>` (`engine.heads.head_file`), else None;
+    CheckpointError if missing."""
+    from .heads import head_file
 
-    path = mesh_file(spec, root)
+    path = head_file(spec, root)
     if path is not None and not path.is_file():
-        raise CheckpointError(f"the head mesh {path} does not exist; put it back or change config.head_model")
+        raise CheckpointError(f"the head model file {path} does not exist; put it back or change config.head_model")
     return path

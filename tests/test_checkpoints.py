@@ -3,7 +3,7 @@ import logging
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -15,18 +15,9 @@ from engine.heads import builtin_head_mesh
 from engine.model import Avatar
 from engine.orbit import orbit_camera
 from engine.trained_on import TrainedOn
+from release_layout import TINY_BLOCKS, C, R, release_state, write_release_run, write_sd_folder
 
 TINY = from_preset("tiny")
-R, C = TINY.conditioning.texture_resolution, TINY.conditioning.texture_channels
-# The release's expression layers of the tiny UNet, written out (block path, width).
-TINY_BLOCKS = [
-    ("down_blocks.0.attentions.0.transformer_blocks.0", 32),
-    ("down_blocks.1.attentions.0.transformer_blocks.0", 64),
-    ("up_blocks.1.attentions.0.transformer_blocks.0", 64),
-    ("up_blocks.1.attentions.1.transformer_blocks.0", 64),
-    ("up_blocks.2.attentions.0.transformer_blocks.0", 32),
-    ("up_blocks.2.attentions.1.transformer_blocks.0", 32),
-]
 
 
 def _inputs(avatar):
@@ -225,11 +216,7 @@ def _write_text_encoder(folder):
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory):
     """A tiny diffusers Stable Diffusion folder (random weights, diffusers' own layout)."""
-    folder = tmp_path_factory.mktemp("sd")
-    torch.manual_seed(0)
-    UNet2DConditionModel(**TINY.unet.diffusers_kwargs(TINY.latent_size)).save_pretrained(folder / "unet")
-    AutoencoderKL(**TINY.vae.diffusers_kwargs(TINY.image_size)).save_pretrained(folder / "vae")
-    return folder
+    return write_sd_folder(tmp_path_factory.mktemp("sd"))
 
 
 def test_from_diffusers_without_text_encoder(sd_dir, caplog):
@@ -285,43 +272,9 @@ def test_from_diffusers_takes_the_folders_config_or_refuses(tmp_path):
         Avatar.from_diffusers(tmp_path / "nowhere", preset="tiny")
 
 
-def _release_state(seed):
-    """A release checkpoint of the tiny shapes, 3 people, keys as model.md lists them."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**TINY.unet.diffusers_kwargs(TINY.latent_size))
-        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 16, 32, 32),
-                                               conditioning_channels=73)
-    state = {f"controlnet.{k}": torch.randn(v.shape, generator=g) for k, v in controlnet.state_dict().items()}
-    for block, width in TINY_BLOCKS:
-        prefix = f"unet.{block}._expression_attention."
-        state[prefix + "to_q.weight"] = torch.randn(width, width, generator=g)
-        state[prefix + "to_k.weight"] = torch.randn(width, 32, generator=g)
-        state[prefix + "to_v.weight"] = torch.randn(width, 32, generator=g)
-        state[prefix + "to_out.0.weight"] = torch.randn(width, width, generator=g)
-        state[prefix + "to_out.0.bias"] = torch.randn(width, generator=g)
-    state["expression_codes_mlp.weight"] = torch.randn(4 * 32, 8, generator=g)
-    state["expression_codes_mlp.bias"] = torch.randn(4 * 32, generator=g)
-    for name in ("neural_texture_lookup_uv", "neural_texture_lookup_uw", "neural_texture_lookup_vw",
-                 "ambient_texture_lookup"):
-        state[f"{name}.weight"] = torch.randn(3, R * R * C, generator=g)
-    return state
-
-
-def _release_dir(tmp_path, state):
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    for name in ("model_config.json", "dataset_config.json", "optimization_config.json", "train_setup.json"):
-        (run / name).write_text("{}")
-    torch.save(state, run / "checkpoints" / "ckpt-2000.pt")
-    # an older checkpoint that sorts after ckpt-2000 as text: the largest step must win
-    torch.save({"stale": torch.zeros(1)}, run / "checkpoints" / "ckpt-300.pt")
-    return run
-
-
 def test_from_release_imports_every_tensor(sd_dir, tmp_path):
-    state = _release_state(seed=5)
-    avatar = Avatar.from_release(_release_dir(tmp_path, state), sd_dir, person=1, preset="tiny")
+    state = release_state(seed=5)
+    avatar = Avatar.from_release(write_release_run(tmp_path / "run", state), sd_dir, person=1, preset="tiny")
     ours = avatar.state_dict()
     for key, value in state.items():
         if key.startswith(("controlnet.", "unet.")):
@@ -341,15 +294,15 @@ def test_from_release_imports_every_tensor(sd_dir, tmp_path):
 
 
 def test_from_release_reports_bad_keys_and_person(sd_dir, tmp_path):
-    state = _release_state(seed=6)
+    state = release_state(seed=6)
     missing = "controlnet.controlnet_mid_block.weight"
-    run = _release_dir(tmp_path / "a", {k: v for k, v in state.items() if k != missing})
+    run = write_release_run(tmp_path / "a" / "run", {k: v for k, v in state.items() if k != missing})
     with pytest.raises(CheckpointError, match=missing):
         Avatar.from_release(run, sd_dir, preset="tiny")
-    run = _release_dir(tmp_path / "b", {**state, "unet.mid_block.extra.weight": torch.zeros(2)})
+    run = write_release_run(tmp_path / "b" / "run", {**state, "unet.mid_block.extra.weight": torch.zeros(2)})
     with pytest.raises(CheckpointError, match="unet.mid_block.extra.weight"):
         Avatar.from_release(run, sd_dir, preset="tiny")
-    run = _release_dir(tmp_path / "c", state)
+    run = write_release_run(tmp_path / "c" / "run", state)
     with pytest.raises(InputError, match="3 people"):
         Avatar.from_release(run, sd_dir, person=3, preset="tiny")
     with pytest.raises(CheckpointError, match="checkpoints is missing"):

@@ -6,6 +6,8 @@ modules extend with `register_head_model(kind, factory)`:
 - `"mesh:<file.npz>"`: `StaticHead` of a mesh file (`Mesh.save` format), relative to `root` (the avatar folder).
 - `"synthetic[:<version>]"`: the procedural, rigged head of `engine.data.synthetic` (ARKit-named code).
 - `"none"`: no head model (returns None), for avatars driven by pre-rendered buffers.
+Kinds registered with `file_argument=True` (`mesh`, `learned`) name a file in the avatar folder: `head_file` finds
+it, and `Avatar.save_pretrained` copies it along.
 """
 
 from __future__ import annotations
@@ -70,13 +72,18 @@ def code_range(head: HeadModel | None) -> tuple[float, float] | None:
 # kind -> factory(argument, root) -> HeadModel | None
 HeadFactory = Callable[[str, "Path | None"], "HeadModel | None"]
 _REGISTRY: dict[str, HeadFactory] = {}
+_FILE_KINDS: set[str] = set()
 
 
-def register_head_model(kind: str, factory: HeadFactory) -> None:
-    """Make `load_head_model("<kind>[:argument]")` call `factory(argument, root)`. Re-registering replaces."""
+def register_head_model(kind: str, factory: HeadFactory, file_argument: bool = False) -> None:
+    """Make `load_head_model("<kind>[:argument]")` call `factory(argument, root)`. Re-registering replaces.
+    `file_argument`: the argument is a file relative to the avatar folder (see `head_file`)."""
     if not kind or ":" in kind or kind != kind.strip():
         raise ConfigError(f"a head model kind must be a non-empty name without ':' or spaces, got {kind!r}")
     _REGISTRY[kind] = factory
+    _FILE_KINDS.discard(kind)
+    if file_argument:
+        _FILE_KINDS.add(kind)
 
 
 def head_model_kinds() -> list[str]:
@@ -104,20 +111,21 @@ def _builtin(arg: str, root: Path | None) -> HeadModel:
     return StaticHead(builtin_head_mesh(), name="builtin:head")
 
 
-def mesh_file(spec: str, root: Path | str | None = None) -> Path | None:
-    """The file of a `mesh:<file>` head model spec (a relative file resolves against `root`, the avatar folder; the
-    working directory when None), or None for a spec of another kind. Whether the file exists is not checked."""
+def head_file(spec: str, root: Path | str | None = None) -> Path | None:
+    """The file of a file-backed head model spec such as `mesh:<file>` (a relative file resolves against `root`, the
+    avatar folder; the working directory when None), or None for a spec of another kind. Whether the file exists is
+    not checked."""
     kind, _, arg = spec.strip().partition(":")
-    if kind != "mesh":
+    if kind not in _FILE_KINDS:
         return None
     if not arg:
-        raise ConfigError("'mesh:' needs a file, e.g. 'mesh:head.npz' (relative to the avatar folder)")
+        raise ConfigError(f"'{kind}:' needs a file, e.g. '{kind}:head.npz' (relative to the avatar folder)")
     path = Path(arg)
     return Path(root) / path if root is not None and not path.is_absolute() else path
 
 
 def _static_mesh(arg: str, root: Path | None) -> HeadModel:
-    return StaticHead(Mesh.load(mesh_file(f"mesh:{arg}", root)), name=f"mesh:{arg}")
+    return StaticHead(Mesh.load(head_file(f"mesh:{arg}", root)), name=f"mesh:{arg}")
 
 
 def _synthetic(arg: str, root: Path | None) -> HeadModel:
@@ -127,7 +135,7 @@ def _synthetic(arg: str, root: Path | None) -> HeadModel:
 
 
 register_head_model("builtin", _builtin)
-register_head_model("mesh", _static_mesh)
+register_head_model("mesh", _static_mesh, file_argument=True)
 register_head_model("synthetic", _synthetic)
 
 __all__ = [
@@ -136,7 +144,7 @@ __all__ = [
     "builtin_head_mesh",
     "code_range",
     "load_head_model",
-    "mesh_file",
+    "head_file",
     "register_head_model",
     "head_model_kinds",
 ]
