@@ -25,7 +25,7 @@ pytest.importorskip("websockets", reason="the live extra is not installed (pip i
 from websockets.sync.client import connect  # noqa: E402
 
 from engine.geometry import Camera  # noqa: E402
-from engine.live.app import BackgroundServer, host_warning, is_loopback  # noqa: E402
+from engine.live.app import BackgroundServer  # noqa: E402
 from engine.live.protocol import (  # noqa: E402
     ProtocolError,
     Request,
@@ -140,13 +140,6 @@ def test_errors_echo_the_request_id_and_binary_roundtrip():
     assert parse_message(pack_binary(header, payload), SPEC).jpeg == payload
 
 
-def test_loopback_hosts_and_the_public_host_warning():
-    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
-    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.10") and not is_loopback("example.org")
-    assert host_warning("127.0.0.1") is None
-    assert "0.0.0.0" in host_warning("0.0.0.0") and "--host 127.0.0.1" in host_warning("0.0.0.0")
-
-
 # -- the worker's scheduling, without its thread -------------------------------------------------------------
 def test_slots_keep_the_newest_request_and_take_turns(tiny_avatar):
     worker = RenderWorker(tiny_avatar, sampler="ddim", steps=1)
@@ -214,15 +207,16 @@ def test_clients_that_vanish_mid_frame(server):
     for i in range(3):  # ask for a frame and leave before it is back
         with _open(server) as ws:
             ws.send(_render(_code(10 + i), i))
+    upgrade = (f"GET /ws HTTP/1.1\r\nHost: {server.host}:{server.port}\r\nUpgrade: websocket\r\n"
+               "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+               "\r\n").encode()
     raw = socket.create_connection((server.host, server.port))  # half a WebSocket frame, then gone
-    raw.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    raw.sendall(upgrade)
     assert b"101" in raw.recv(4096).split(b"\r\n")[0]
     raw.sendall(b"\x81\xfe\x10\x00" + b"\x00\x00\x00\x00" + b'{"type": "ren')  # masked text, 4096 announced
     raw.close()
     abrupt = socket.create_connection((server.host, server.port))  # a TCP reset right after the upgrade
-    abrupt.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    abrupt.sendall(upgrade)
     abrupt.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     abrupt.close()
     with _open(server) as ws:

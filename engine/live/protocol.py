@@ -15,15 +15,28 @@ Text frames are JSON objects, at most `max_message_bytes` (2 MiB by default):
      "steps": 2,                                 # optional: denoising steps, 1..max_steps (server default)
      "backend": "reference"}                     # optional: one of the server's backends
 
-    {"type": "video_frame", "id": 8, "jpeg": "<base64 JPEG>", "camera": {...}, "steps": .., "backend": ..}
-                                                 # a webcam image: the server tracks it and drives the avatar;
-                                                 #   "camera" is the base camera the tracked head pose moves
+    {"type": "video_frame", "id": 8, "jpeg": "<base64 JPEG>", "time": 12.345, "camera": {...}, "steps": ..,
+     "backend": ..}                              # a webcam image: the server tracks it and drives the avatar;
+                                                 #   "camera" is the base camera the tracked head pose moves;
+                                                 #   "time" (optional) its capture time in seconds on the
+                                                 #   client's clock, which the tracker's smoothing runs on
+                                                 #   (default: its arrival time at the server)
+
+    {"type": "hello", "token": "..."}            # the first message, where the server requires a token
+                                                 #   (engine/live/access.py); ignored elsewhere
+
+A full camera must be a rotation with a finite translation, positive focal lengths giving a field of view of
+1..150 degrees, the principal point inside the image and the head (the world origin) between the near and far
+planes (the avatar's znear..zfar); an error names the field.
 
 Binary frames carry a webcam image without base64: `uint32 big-endian n | n bytes of UTF-8 JSON header |
 JPEG bytes`, the header being a video_frame message without "jpeg".
 
 Every message replaces the sender's pending one: the server renders only each client's newest request, so a
-fast sender sees bounded latency rather than a growing queue (ids of dropped requests get no reply).
+fast sender sees bounded latency rather than a growing queue (ids of dropped requests get no reply). Webcam
+images are tracked apart from rendering: each one tracked (stale ones are dropped) is answered by a `tracked`
+message, and the newest tracked code is rendered. A client sending more than the server's message rate gets
+one error, then its extra messages are dropped.
 
 Server -> client
 ----------------
@@ -35,6 +48,8 @@ Server -> client
     binary uint32 big-endian n | JSON header | JPEG, the header being
            {"type": "frame", "id": .., "width": .., "height": .., "code": [E floats], "cached": bool,
             "render_ms": .., "latency_ms": .., "fps": .., "dropped": .., "tracked": bool (video frames only)}
+    text   {"type": "tracked", "id": .., "time": .., "face": bool, "head": {"yaw", "pitch", "roll"} | null,
+            "code": [E floats], "fps": ..}       (one per webcam image tracked; fps: the tracking rate)
 
 `latency_ms` runs from the request's arrival to its JPEG; `fps` is the client's delivered frame rate (moving
 average); `cached` says an unchanged code and camera reused the previous frame; `dropped` counts this client's
@@ -62,6 +77,7 @@ PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 MAX_CODE_VALUE = 10.0
+FOV_RANGE_DEG = (1.0, 150.0)  # of a full camera's focal lengths: beyond, a pixel spans nothing or everything
 ORBIT_DEFAULTS = {"yaw": 0.0, "pitch": 0.0, "distance": 1.0, "fov": DEFAULT_FOV_DEG}  # engine.orbit's angles
 # (low, high) per orbit field: pitch stops short of the poles (look_at's up vector), distance keeps the head
 # inside the conditioning's [znear, zfar] = [0.1, 2] m depth range.
@@ -69,7 +85,7 @@ ORBIT_RANGES = {"yaw": (-180.0, 180.0), "pitch": (-80.0, 80.0), "distance": (0.3
 _HEADER = struct.Struct(">I")
 _FIELDS = {
     "render": {"type", "id", "code", "camera", "steps", "backend"},
-    "video_frame": {"type", "id", "jpeg", "camera", "steps", "backend"},
+    "video_frame": {"type", "id", "jpeg", "time", "camera", "steps", "backend"},
 }
 
 
@@ -93,18 +109,22 @@ class StreamSpec:
     backends: tuple[str, ...] = ("reference",)
     backend: str = "reference"
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    depth_range: tuple[float, float] = (0.1, 2.0)  # where the head may lie in front of a full camera (metres)
 
     @classmethod
     def for_config(cls, config, **options) -> "StreamSpec":
-        """The spec of an `AvatarConfig` (image size, code size and names) plus server `options`."""
-        return cls(config.image_size, config.expression_dim, config.expression_names, **options)
+        """The spec of an `AvatarConfig` (image size, code size and names, the conditioning's depth range) plus
+        server `options`."""
+        depth = (config.conditioning.znear, config.conditioning.zfar)
+        return cls(config.image_size, config.expression_dim, config.expression_names, depth_range=depth, **options)
 
 
 @dataclass
 class Request:
     """One validated request. `code` [E] float32 (None for a webcam image, which tracking turns into a code);
     `camera` the camera to render (for a webcam image: the base camera the tracked pose moves); `jpeg` the
-    webcam image; `received` the `time.perf_counter()` of its arrival."""
+    webcam image, `capture_time` its capture time (seconds, the client's clock; None: unknown); `received` the
+    `time.perf_counter()` of its arrival."""
 
     id: int | str | None
     code: np.ndarray | None
@@ -112,12 +132,14 @@ class Request:
     steps: int
     backend: str
     jpeg: bytes | None = None
+    capture_time: float | None = None
     received: float = field(default_factory=time.perf_counter)
 
 
 # -- client messages ---------------------------------------------------------------------------------------
-def parse_message(data: str | bytes, spec: StreamSpec) -> Request:
-    """A client's WebSocket message (text JSON, or a binary webcam frame) -> `Request`; raises ProtocolError."""
+def parse_message(data: str | bytes, spec: StreamSpec) -> Request | None:
+    """A client's WebSocket message (text JSON, or a binary webcam frame) -> `Request` (None for a `hello`, which
+    asks nothing); raises ProtocolError."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         _check_size(len(data), spec)
         header, payload = unpack_binary(bytes(data))
@@ -131,7 +153,19 @@ def parse_message(data: str | bytes, spec: StreamSpec) -> Request:
     if 4 * len(data) > spec.max_message_bytes:  # a character is at most 4 bytes of UTF-8
         # "surrogatepass": a str handed over in Python may hold lone surrogates, which no UTF-8 frame can carry
         _check_size(len(data.encode("utf-8", "surrogatepass")), spec)
-    return _request(_json_object(data, "message"), spec, None)
+    message = _json_object(data, "message")
+    return None if message.get("type") == "hello" else _request(message, spec, None)
+
+
+def parse_hello(data: str | bytes) -> str | None:
+    """A `hello` message -> its token (None when it has none); ProtocolError for anything else."""
+    if not isinstance(data, str) or len(data) > 4096:
+        raise ProtocolError("the first message must be {\"type\": \"hello\", \"token\": \"...\"}")
+    message = _json_object(data, "hello message")
+    if message.get("type") != "hello" or set(message) - {"type", "token"}:
+        raise ProtocolError("the first message must be {\"type\": \"hello\", \"token\": \"...\"}")
+    token = message.get("token")
+    return token if isinstance(token, str) else None
 
 
 def _request(message: dict, spec: StreamSpec, jpeg: bytes | None) -> Request:
@@ -147,7 +181,7 @@ def _request(message: dict, spec: StreamSpec, jpeg: bytes | None) -> Request:
     try:
         if "id" in message and request_id is None and message["id"] is not None:
             raise ProtocolError("\"id\" must be an int or a string of at most 64 characters")
-        camera = parse_camera(message.get("camera"), spec.image_size)
+        camera = parse_camera(message.get("camera"), spec.image_size, spec.depth_range)
         steps = _steps(message.get("steps", spec.steps), spec)
         backend = message.get("backend", spec.backend)
         if backend not in spec.backends:
@@ -167,7 +201,12 @@ def _request(message: dict, spec: StreamSpec, jpeg: bytes | None) -> Request:
                 raise ProtocolError(f"\"jpeg\" is not valid base64 ({e})") from e
         if not jpeg.startswith(b"\xff\xd8"):
             raise ProtocolError("the webcam image is not a JPEG (it must start with the bytes FF D8)")
-        return Request(request_id, None, camera, steps, backend, jpeg=jpeg)
+        capture_time = message.get("time")
+        if capture_time is not None and not _is_number(capture_time, 0.0, 1e12):
+            raise ProtocolError(f"\"time\" = {_short(capture_time)}: the capture time must be a number of seconds "
+                                "(e.g. performance.now() / 1000)")
+        return Request(request_id, None, camera, steps, backend, jpeg=jpeg,
+                       capture_time=None if capture_time is None else float(capture_time))
     except ProtocolError as e:
         raise ProtocolError(str(e), request_id) from None
     except AvatarError as e:  # a camera the geometry module rejects
@@ -196,8 +235,9 @@ def parse_code(value, spec: StreamSpec) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
-def parse_camera(value, image_size: int) -> Camera:
-    """An orbit ({yaw, pitch, distance, fov}, each optional) or a full camera dict -> Camera of the avatar's size."""
+def parse_camera(value, image_size: int, depth_range: tuple[float, float] = (0.1, 2.0)) -> Camera:
+    """An orbit ({yaw, pitch, distance, fov}, each optional) or a full camera dict -> Camera of the avatar's size.
+    A full camera must see the head (the world origin) at a depth within `depth_range` (see the module's text)."""
     if value is None:
         value = {}
     if not isinstance(value, dict):
@@ -215,6 +255,7 @@ def parse_camera(value, image_size: int) -> Camera:
             camera = Camera.from_dict(value)
         except (AvatarError, TypeError, ValueError, OverflowError) as e:
             raise ProtocolError(f"invalid camera: {e}") from None
+        _check_view(camera, depth_range)
         if (camera.width, camera.height) != (image_size, image_size):
             camera = camera.scaled(image_size, image_size)
         return camera
@@ -231,6 +272,25 @@ def parse_camera(value, image_size: int) -> Camera:
         orbit[key] = float(v)
     return orbit_camera(orbit["yaw"], orbit["pitch"], size=image_size, distance=orbit["distance"],
                         fov_deg=orbit["fov"])
+
+
+def _check_view(camera: Camera, depth_range: tuple[float, float]) -> None:
+    """A valid `Camera` that also renders something: the field of view, the principal point, the head's depth."""
+    lo, hi = FOV_RANGE_DEG
+    for name, focal, size in (("fx", camera.fx, camera.width), ("fy", camera.fy, camera.height)):
+        fov = math.degrees(2 * math.atan(0.5 * size / focal))
+        if not lo <= fov <= hi:
+            raise ProtocolError(f"invalid camera: {name} = {focal:g} pixels gives a field of view of {fov:.3g} "
+                                f"degrees across {size} pixels; it must be {lo:g}..{hi:g} degrees")
+    for name, c, size in (("cx", camera.cx, camera.width), ("cy", camera.cy, camera.height)):
+        if not -0.5 <= c <= size - 0.5:
+            raise ProtocolError(f"invalid camera: {name} = {c:g}: the principal point must lie inside the image "
+                                f"(-0.5..{size - 0.5:g} pixels)")
+    depth = float(camera.t[2])  # the world origin in camera coordinates is t: its depth is t_z
+    near, far = depth_range
+    if not near <= depth <= far:
+        raise ProtocolError(f"invalid camera: t: the head (the world origin) is {depth:.3g} m in front of the "
+                            f"camera; it must lie between the near and far planes, {near:g}..{far:g} m")
 
 
 def camera_key(camera: Camera) -> tuple:

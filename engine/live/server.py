@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from ..command_options import AVATAR_HELP, device
+from ..command_options import AVATAR_HELP, device, positive_int
 from ..devices import DEVICES
+from ..errors import InputError
+from .access import AccessPolicy
 from .app import create_app, host_warning, uvicorn_config
 from .protocol import MAX_MESSAGE_BYTES
+from .session import SessionLimits
 from .worker import RenderWorker
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--avatar", required=True, help=AVATAR_HELP)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback "
-                        "only; anything else is reachable from other machines and prints a warning)")
+                        "only; anything else is reachable from other machines, requires a token and prints a "
+                        "warning)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     parser.add_argument("--device", type=device, default="auto", help=f"torch device: {DEVICES} (default: auto)")
     parser.add_argument("--sampler", default=None, choices=["ddpm", "ddim"],
@@ -34,6 +39,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "default: by name, for ARKit-coded avatars such as tiny")
     parser.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES,
                         help=f"largest accepted message (default: {MAX_MESSAGE_BYTES})")
+    access = parser.add_argument_group("access (README: Serving to other machines)")
+    access.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                        help="an origin (scheme://host[:port]) whose pages may use this server, e.g. a page that "
+                        "embeds the viewer (repeatable; default: only the server's own page)")
+    access.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="a Host name the server answers to besides the address it listens on, e.g. its DNS "
+                        "name (repeatable)")
+    access.add_argument("--token", default=None, help="the token clients must present (default: none on loopback, "
+                        "a generated one printed at start otherwise)")
+    access.add_argument("--tls-cert", default=None, metavar="FILE",
+                        help="PEM certificate: serve HTTPS and WSS (with --tls-key); needed for the webcam and "
+                        "to keep the token private on any host but loopback")
+    access.add_argument("--tls-key", default=None, metavar="FILE", help="PEM private key of --tls-cert")
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--max-clients", type=positive_int, default=SessionLimits.max_clients,
+                        help=f"most open connections (default: {SessionLimits.max_clients})")
+    limits.add_argument("--max-message-rate", type=positive_int, default=int(SessionLimits.message_rate),
+                        help="messages a second one client may send; beyond it they are dropped (default: "
+                        f"{int(SessionLimits.message_rate)})")
 
 
 def build_worker(args) -> RenderWorker:
@@ -52,17 +76,32 @@ def build_worker(args) -> RenderWorker:
                         expression_map=args.map)
 
 
+def access_policy(args) -> AccessPolicy:
+    """--host/--port/--allow-origin/--allow-host/--token/--tls-* -> the policy (bad values: InputError)."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise InputError("--tls-cert and --tls-key go together; pass both (a PEM certificate and its key)")
+    for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if path is not None and not Path(path).is_file():
+            raise InputError(f"{flag} {path}: no such file (pass a PEM file, e.g. from your CA or mkcert)")
+    return AccessPolicy.for_server(args.host, args.port, args.allow_origin, args.allow_host, args.token,
+                                   tls=args.tls_cert is not None)
+
+
 def run(args) -> None:
-    """`avatar serve`: build the worker, warn about non-loopback hosts, serve until interrupted."""
+    """`avatar serve`: check the access options, build the worker, warn about non-loopback hosts, serve until
+    interrupted."""
     import uvicorn
 
+    policy = access_policy(args)
     worker = build_worker(args)
-    warning = host_warning(args.host)
+    warning = host_warning(policy)
     if warning:
         print(warning, file=sys.stderr)
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"avatar serve: {worker.config.name} on http://{host}:{args.port}/ (Ctrl-C to stop)", flush=True)
-    uvicorn.Server(uvicorn_config(create_app(worker), args.host, args.port, worker)).run()
+    print(f"avatar serve: {worker.config.name} on {policy.page_url()} (Ctrl-C to stop)", flush=True)
+    limits = SessionLimits(max_clients=args.max_clients, message_rate=float(args.max_message_rate),
+                           burst=2 * args.max_message_rate)
+    tls = (args.tls_cert, args.tls_key) if policy.tls else None
+    uvicorn.Server(uvicorn_config(create_app(worker, policy, limits), args.host, args.port, worker, tls)).run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@
 const $ = (id) => document.getElementById(id);
 const STEP_CHOICES = [1, 2, 3, 4, 6, 8, 10, 15, 20, 30, 40, 50];
 const WEBCAM_WIDTH = 320;
+const TOKEN = new URLSearchParams(location.search).get("token");   // where the server requires one
 
 const state = {
   info: null, ws: null, nextId: 1,
@@ -23,8 +24,15 @@ window.avatarViewer = { state, frames: 0, latencies: [], errors: [] };
 function connect() {
   const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
   ws.binaryType = "arraybuffer";
-  ws.onopen = () => setStatus("connected", "ok");
-  ws.onclose = () => { setStatus("disconnected: retrying…", "bad"); state.ws = null; setTimeout(connect, 2000); };
+  ws.onopen = () => {
+    if (TOKEN !== null) ws.send(JSON.stringify({ type: "hello", token: TOKEN }));  // the server's first check
+    setStatus("connected", "ok");
+  };
+  ws.onclose = (event) => {
+    state.ws = null;
+    if (event.code === 1008) return setStatus("refused: open the URL with the token the server printed", "bad");
+    setStatus("disconnected: retrying…", "bad"); setTimeout(connect, 2000);
+  };
   ws.onmessage = (event) => {
     if (typeof event.data === "string") onText(JSON.parse(event.data)); else onFrame(event.data);
   };
