@@ -299,7 +299,8 @@ def test_weights_beyond_the_range_of_the_dtype(work, tmp_path):
 # -- signals ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("signum, code, out", [(signal.SIGINT, 130, "frames"), (signal.SIGTERM, 143, "o.mp4")])
 def test_a_signal_mid_render_removes_the_temporaries(tmp_path, signum, code, out):
-    seq = write_sequence(tmp_path / "seq.json", orbit(Avatar.from_preset("tiny").config, frames=200))
+    # long enough that the signal comes mid-render however fast the frames are (the numba rasteriser: a few ms each)
+    seq = write_sequence(tmp_path / "seq.json", orbit(Avatar.from_preset("tiny").config, frames=3000))
     run = tmp_path / "run"
     run.mkdir()
     err = tmp_path / "stderr.txt"
@@ -310,7 +311,7 @@ def test_a_signal_mid_render_removes_the_temporaries(tmp_path, signum, code, out
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.monotonic() + 120
-        while not re.search(r"\b[1-9]\d*/200\b", err.read_text()):  # a frame is written: mid-render
+        while not re.search(r"\b[1-9]\d*/3000\b", err.read_text()):  # a frame is written: mid-render
             assert p.poll() is None and time.monotonic() < deadline, err.read_text()
             time.sleep(0.05)
         assert any(run.iterdir())  # the temporary is there

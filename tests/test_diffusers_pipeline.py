@@ -43,6 +43,7 @@ from engine.sampling import FixedNoise
 from engine.sequence import orbit
 
 SEED = 5
+REFERENCE = dict(raster_backend="torch", condition_backend="torch")  # the specification path, not the numba fast path
 
 
 def diffusers_scheduler(name, schedule):
@@ -153,7 +154,7 @@ def test_renderer_frame_is_diffusers_pipeline_frame(scene, zeroed, sampler, step
     pipeline running plain diffusers modules (no project code) with the same weights, seed and condition."""
     camera, codes, mesh, condition = scene
     avatar, plain = zeroed
-    renderer = Renderer(avatar, sampler=sampler, steps=steps, seed=SEED)
+    renderer = Renderer(avatar, sampler=sampler, steps=steps, seed=SEED, **REFERENCE)
     pipe = make_pipeline(plain, avatar.controlnet, avatar.vae, sampler, avatar.config.schedule)
     pipe.scheduler.set_timesteps(steps)
     assert torch.equal(pipe.scheduler.timesteps, renderer.sampler.timesteps)
@@ -174,7 +175,7 @@ def test_expression_tokens_reach_the_pipelines_unet(tiny_avatar, scene, sampler,
     av = tiny_avatar
     assert type(av.controlnet) is ControlNetModel
     assert not any(hasattr(m, "_expression_attention") for m in av.controlnet.modules())
-    renderer = Renderer(av, sampler=sampler, steps=steps, seed=SEED)
+    renderer = Renderer(av, sampler=sampler, steps=steps, seed=SEED, **REFERENCE)
     pipe = make_pipeline(av.unet, av.controlnet, av.vae, sampler, av.config.schedule)
     frames = []
     for code in codes:
@@ -190,7 +191,7 @@ def test_another_seed_gives_another_frame(tiny_avatar, scene):
     and every step's noise change) does not reproduce the Renderer's frame."""
     camera, codes, mesh, condition = scene
     av = tiny_avatar
-    renderer = Renderer(av, sampler="ddpm", steps=4, seed=SEED)
+    renderer = Renderer(av, sampler="ddpm", steps=4, seed=SEED, **REFERENCE)
     pipe = make_pipeline(av.unet, av.controlnet, av.vae, "ddpm", av.config.schedule)
     other = pipeline_frame(pipe, av, condition, 4, seed=SEED + 1, tokens=av.expression_tokens(codes[0]))
     assert np.abs(renderer.render(camera, codes[0], mesh=mesh).astype(int) - other.astype(int)).max() > 2
