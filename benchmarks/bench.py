@@ -26,7 +26,7 @@ from engine.command_options import device as device_name
 from engine.devices import DEVICES
 from engine.raster import CHOICES as RASTER_CHOICES
 
-from .measure import GRAPH_BACKENDS, compiled_case, fidelity, frame_mesh, registry_case
+from .measure import GRAPH_BACKENDS, compiled_case, decoder_times, fidelity, frame_mesh, registry_case
 from .report import RESULTS, case_line, new_report, save
 
 
@@ -131,6 +131,12 @@ def run(args) -> dict:
                 report["cases"].append(case)
                 print(case_line(case), flush=True)
                 save(report, stem)
+    if {"vae", "tiny"} <= set(args.decoders.split(",")):
+        report["decoders"] = decoder_times(avatar, frames[1], device, args.repeat, args.raster)
+        d = report["decoders"]
+        print(f"decoders, alternating on one latent: vae {d['vae']['median_ms']:.2f} ms, tiny "
+              f"{d['tiny']['median_ms']:.2f} ms (tiny / vae {d['ratio']:.2f})", flush=True)
+        save(report, stem)
     print(f"results: {stem.with_suffix('.json')} and .md")
     return report
 

@@ -104,6 +104,26 @@ def registry_case(avatar, frames, device, backend, dtype, steps, decoder, args) 
             "first_frame_ms": first, "captures": 0}
 
 
+def decoder_times(avatar, frame, device, repeat: int, raster: str) -> dict:
+    """Both decoders of the reference on one frame's latent, timed alternately (vae, tiny, vae, ...) so that load
+    from other processes weighs on both alike: {"vae": median/p90, "tiny": median/p90, "ratio" (tiny / vae median),
+    "repeat"}."""
+    from engine.frame import as_codes
+    from engine.renderer import Renderer
+
+    with Renderer(avatar, device=device, steps=1, decoder="vae", raster_backend=raster,
+                  backend="reference") as renderer, torch.no_grad():
+        latent = renderer.latents([frame.camera], as_codes(frame.expression), [frame.mesh])
+        timer = StageTimer(torch.device(device))
+        for _ in range(repeat + 1):  # the first round warms up
+            for name in ("vae", "tiny"):
+                timer.start()
+                renderer.avatar.decode(latent, name)
+                timer.mark(name)
+    times = {name: median_p90(ts[1:]) for name, ts in timer.times.items()}
+    return {**times, "ratio": times["tiny"]["median_ms"] / times["vae"]["median_ms"], "repeat": repeat}
+
+
 def _depth(fps: float, latency: dict) -> dict:
     return {"fps": fps, "latency": latency}
 

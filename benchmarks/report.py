@@ -127,6 +127,12 @@ def markdown(report: dict) -> str:
                  str(c.get("recompiles", "-")), f"{fid.get('first_step_rel_err', float('nan')):.2e}",
                  f"{fid.get('psnr_db', float('nan')):.1f}"]
         lines.append(name + " " + " | ".join(cells) + " |")
+    d = report.get("decoders")
+    if d:
+        vae, tiny = d["vae"], d["tiny"]
+        lines += ["", f"Decoders on one frame's latent, timed alternately ({d['repeat']} rounds, reference, float32): "
+                      f"VAE {vae['median_ms']:.2f} ms (p90 {vae['p90_ms']:.2f}), tiny {tiny['median_ms']:.2f} ms (p90 "
+                      f"{tiny['p90_ms']:.2f}): tiny / VAE = {d['ratio']:.2f}."]
     return "\n".join(lines + [""] + _goals(report)) + "\n"
 
 

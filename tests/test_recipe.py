@@ -167,3 +167,12 @@ def test_cli_distill_decoder_and_eval_recipes(tmp_path, capsys):
     assert "avatar eval: error: unknown recipe 'ddim:x'" in capsys.readouterr().err
     assert main(["distill-decoder", "--avatar", str(folder), "--out", str(tmp_path / "bad"), "--blocks", "1,1"]) == 2
     assert "upsamples by 2" in capsys.readouterr().err
+
+
+def test_the_shipped_demo_carries_its_recipe_and_tiny_decoder():
+    from engine.avatars import SHIPPED, resolve_avatar
+
+    config = resolve_avatar("demo").config()
+    assert config.recipe == Recipe("ddim", 2, "vae")  # README, "The real-time recipe": why not the tiny decoder
+    assert config.tiny_decoder == TinyDecoderConfig(latent_channels=4, channels=24, blocks=(3, 3, 1))
+    assert sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file()) <= 30 * 2**20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 
 from ..command_options import AVATAR_HELP, add_device_option
@@ -56,13 +57,16 @@ def run(args: argparse.Namespace) -> None:
 def _run_recipes(args: argparse.Namespace) -> None:
     """`avatar eval --recipes`: score every recipe, write the JSON, Markdown and PNG files, print the table."""
     from ..avatars import load_avatar, resolve_avatar
-    from ..errors import ConfigError
+    from ..errors import BackendError, ConfigError
     from ..files import check_writable
     from ..model import WEIGHTS_FILE
     from ..recipe import parse_recipes
     from .recipes import evaluate_recipes, markdown, write_results
 
     recipes = parse_recipes(args.recipes, args.decoders)
+    if importlib.util.find_spec("matplotlib") is None:  # checked before the evaluation, not after it
+        raise BackendError("--recipes plots quality against frame time with matplotlib: pip install matplotlib "
+                           "(it comes with the live extra)")
     if args.out is None:
         raise ConfigError("--recipes writes three files: give their stem with --out (e.g. --out results/demo-recipes)")
     for ext in (".json", ".md", ".png"):

@@ -84,7 +84,7 @@ def markdown(result: dict) -> str:
              "frame time | fps |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["recipes"]:
         lines.append(f"| {r['recipe']} | {_f(r['psnr'], 2)} dB | {_f(r['psnr_mask'], 2)} dB | {_f(r['ssim'], 3)} | "
-                     f"{_f(r['gain'], 2)} dB | {_f(r['flicker_ratio'], 2)}x | {_f(r['psnr_vs_release'], 1)} dB | "
+                     f"{_f(r['gain'], 2)} dB | {_f(r['flicker_ratio'], 2)}x | {_vs_release(r)} | "
                      f"{_f(r['frame_ms'], 1)} ms | {_f(r['fps'], 1)} |")
     lines.append(f"| VAE ceiling (decode(encode(truth))) | {_f(a['psnr'], 2)} dB | {_f(a['psnr_mask'], 2)} dB | "
                  f"{_f(a['ssim'], 3)} | | | | | |")
@@ -128,6 +128,12 @@ def write_results(result: dict, stem: str | Path) -> list[Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
     files = {".json": json.dumps(result, indent=1) + "\n", ".md": markdown(result), ".png": plot(result)}
     return [write_atomic(stem.with_name(stem.name + ext), data) for ext, data in files.items()]
+
+
+def _vs_release(row: dict) -> str:
+    if row["recipe"] == str(RELEASE):
+        return "(itself)"
+    return f"{_f(row['psnr_vs_release'], 1)} dB"
 
 
 def _f(value, digits: int) -> str:
