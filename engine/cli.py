@@ -25,6 +25,7 @@ COMMANDS = {
                          "convert the release's tracked NeRSemble data into a training dataset"),
     "import-release": ("engine.release_import",
                        "import one person of the authors' released checkpoint onto a local SD 2.1 folder"),
+    "fit-head": ("engine.heads.cli", "fit a person's learned head model (code -> posed mesh) on tracked frames"),
     "train": ("engine.training.cli", "train an avatar on a dataset (accelerate: CPU, one or several GPUs)"),
     "eval": ("engine.evaluation.cli", "render held-out frames and report PSNR, SSIM and flicker"),
     "drive": ("engine.live.drive", "drive an avatar from a video or a webcam (expression transfer)"),
