@@ -1,0 +1,58 @@
+"""The published avatars end to end, on fixtures in the release's layouts: the synthetic head's tracked frames
+(tests/release_layout.py) -> `import-nersemble` -> `fit-head`; a tiny release run -> `import-release --head-model`;
+`render --dataset` from the recorded (cropped) and novel views; a new code posed by the learned head and rendered."""
+
+import numpy as np
+import pytest
+import torch
+
+from engine.cli import main
+from engine.data.views import novel_view, square_crop
+from engine.geometry import Camera
+from engine.model import Avatar
+from engine.renderer import Renderer
+from release_layout import release_state, write_release_run, write_sd_folder, write_synthetic_person
+
+
+def test_novel_view_and_square_crop_intrinsics():
+    cam = Camera(R=np.eye(3), t=[0, 0, 1.0], fx=1000.0, fy=990.0, cx=549.5, cy=801.5, width=1100, height=1604)
+    view = novel_view(cam, 512)  # the release: fx, fy * 512 / 2200 at full resolution 2200 wide; cx = cy = 256
+    assert (view.fx, view.fy, view.cx, view.cy) == pytest.approx((1000 * 512 / 1100, 990 * 512 / 1100, 256, 256))
+    crop, (left, top, side) = square_crop(cam, torch.tensor([0.0, 0.0, 0.0]), 550)
+    assert (left, top, side) == (0, 252, 1100)  # centred on the head's projection (549.5, 801.5) -> rows 252..1351
+    assert crop.cy == pytest.approx((801.5 - 252 + 0.5) / 2 - 0.5) and crop.fx == pytest.approx(500.0)
+    _, (_, top, _) = square_crop(cam, torch.tensor([0.0, 0.8, 0.0]), 550)  # far below (OpenCV y down): clamped
+    assert top == 1604 - 1100
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    root = tmp_path_factory.mktemp("published")
+    write_synthetic_person(root / "person", sequences=2, frames=4, cameras=2, size=24)
+    assert main(["import-nersemble", str(root / "person"), "--out", str(root / "ds")]) == 0
+    assert main(["fit-head", "--dataset", str(root / "ds"), "--out", str(root / "head.npz"), "--kind", "linear"]) == 0
+    run = write_release_run(root / "run", release_state(seed=4, code_size=206, people=2, scale=0.02))
+    assert main(["import-release", "--run", str(run), "--sd", str(write_sd_folder(root / "sd")), "--person", "0",
+                 "--out", str(root / "avatar"), "--preset", "tiny", "--head-model", str(root / "head.npz")]) == 0
+    return root
+
+
+def test_render_a_tracked_sequence_from_recorded_and_novel_views(published, tmp_path):
+    for name, view in (("recorded", ["--camera", "222200037"]), ("orbit", ["--orbit", "25"])):
+        assert main(["render", "--avatar", str(published / "avatar"), "--dataset", str(published / "ds"),
+                     "--sequence", "EXP-1-synthetic", "--steps", "1", "--out", str(tmp_path / name), *view]) == 0
+        assert len(list((tmp_path / name).glob("*.png"))) == 4
+    assert main(["render", "--avatar", str(published / "avatar"), "--dataset", str(published / "ds"),
+                 "--sequence", "nope", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_a_new_code_poses_the_imported_avatar(published):
+    avatar = Avatar.from_pretrained(published / "avatar")
+    assert avatar.config.head_model == "learned:head.npz" and (published / "avatar" / "head.npz").is_file()
+    codes = np.load(published / "ds" / "EXP-1-synthetic" / "codes.npy")
+    new = torch.from_numpy(0.5 * (codes[1] + codes[4]))  # a code no tracked frame has
+    a, b = avatar.head_model.posed_mesh(new), avatar.head_model.posed_mesh(torch.from_numpy(codes[1]))
+    assert a.num_vertices == b.num_vertices and not torch.allclose(a.vertices, b.vertices)
+    camera = Camera.look_at(eye=(0, 0, 1.0), target=(0, 0, 0), width=128, height=128, fov_deg=16)
+    image = Renderer(avatar, steps=1).render(camera, new)
+    assert image.shape == (128, 128, 3) and np.isfinite(image.astype(float)).all()
