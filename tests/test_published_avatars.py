@@ -50,9 +50,19 @@ def test_a_new_code_poses_the_imported_avatar(published):
     avatar = Avatar.from_pretrained(published / "avatar")
     assert avatar.config.head_model == "learned:head.npz" and (published / "avatar" / "head.npz").is_file()
     codes = np.load(published / "ds" / "EXP-1-synthetic" / "codes.npy")
-    new = torch.from_numpy(0.5 * (codes[1] + codes[4]))  # a code no tracked frame has
+    new = torch.from_numpy(0.5 * (codes[1] + codes[3]))  # a code no tracked frame has
     a, b = avatar.head_model.posed_mesh(new), avatar.head_model.posed_mesh(torch.from_numpy(codes[1]))
     assert a.num_vertices == b.num_vertices and not torch.allclose(a.vertices, b.vertices)
     camera = Camera.look_at(eye=(0, 0, 1.0), target=(0, 0, 0), width=128, height=128, fov_deg=16)
     image = Renderer(avatar, steps=1).render(camera, new)
     assert image.shape == (128, 128, 3) and np.isfinite(image.astype(float)).all()
+
+
+def test_eval_crops_recorded_images_to_the_avatars_square(published):
+    from engine.evaluation import evaluate
+    from test_training import tiny_config
+
+    avatar = Avatar(tiny_config(16).replace(expression_dim=206, expression_names=None), seed=0)
+    result = evaluate(avatar, data=published / "ds", frames=2, steps=1)
+    assert result["frames"] == 2 and all(f["crop"][2] == 24 for f in result["per_frame"])  # 24x24 images, whole
+    assert 0 < result["psnr"] < 60

@@ -12,7 +12,9 @@ units, of the prediction and of the ground truth, and their ratio: 1 is as stead
 ceiling (the same scores of decode(encode(ground truth)) by the avatar's VAE: no rendered frame can beat what its
 VAE keeps); the neutral-code comparison (head-mask PSNR of the more expressive half of the frames rendered with
 their true code minus the same frames rendered with the neutral code: how much the expression code is honoured);
-LPIPS with `lpips_weights`. With `out`, also `metrics.json` and `grid.png` (prediction | ground truth | error).
+LPIPS with `lpips_weights`; JOD (FovVideoVDP) with `jod`. Recorded images larger than the avatar's square are cut
+to the head-centred square crop (`held_out.cropped_to`), as `avatar render --dataset` renders them. With `out`, also
+`metrics.json` and `grid.png` (prediction | ground truth | error).
 "weights" records which weights were scored (`scores.weights_sha256`): the sha256 of `weights_file` (the avatar
 folder's `model.safetensors`, as `sha256sum` prints it) when given, else of the state dict.
 """
@@ -26,7 +28,7 @@ import torch
 
 from ..errors import ConfigError, InputError
 from ..files import write_atomic
-from .held_out import HeldOutFrame, check_versions, dataset_frames, synthetic_frames
+from .held_out import HeldOutFrame, check_versions, cropped_to, dataset_frames, synthetic_frames
 from .scores import (
     LPIPS,
     autoencoder_images,
@@ -34,6 +36,7 @@ from .scores import (
     expressive_half,
     flicker_scores,
     frame_scores,
+    jod_score,
     json_safe,
     mean_score,
     save_grid,
@@ -45,9 +48,10 @@ from .scores import (
 def evaluate(avatar, data: str | Path | None = None, frames: int = 16, sampler: str = "ddpm", steps: int = 20,
              seed: int | None = None, out: str | Path | None = None, device: str = "cpu",
              lpips_weights: str | Path | None = None, batch_size: int = 4,
-             weights_file: str | Path | None = None) -> dict:
+             weights_file: str | Path | None = None, jod: bool = False) -> dict:
     """Score `avatar` on held-out frames (see the module docstring); returns the JSON-safe result. `weights_file`:
-    the `model.safetensors` `avatar` was loaded from, whose sha256 the result records (else the state dict's)."""
+    the `model.safetensors` `avatar` was loaded from, whose sha256 the result records (else the state dict's).
+    `jod`: also FovVideoVDP's JOD of the flicker sequence as a video (`scores.jod`, needs pyfvvdp)."""
     from ..heads import StaticHead
     from ..renderer import Renderer
 
@@ -58,7 +62,9 @@ def evaluate(avatar, data: str | Path | None = None, frames: int = 16, sampler: 
     if data is not None:
         held, sequence, dataset = dataset_frames(data, frames)
         size = (config.image_size, config.image_size)
-        if dataset.image_size != size or dataset.expression_dim != config.expression_dim:
+        if dataset.image_size != size and min(dataset.image_size) >= config.image_size:  # recorded images: crop
+            held, sequence = cropped_to(held, config.image_size), cropped_to(sequence, config.image_size)
+        elif dataset.image_size != size or dataset.expression_dim != config.expression_dim:
             raise ConfigError(f"{data} has {dataset.image_size[0]}x{dataset.image_size[1]} images and "
                               f"{dataset.expression_dim}-value codes, avatar {config.name!r} renders "
                               f"{config.image_size}x{config.image_size} from {config.expression_dim}: use its data")
@@ -99,7 +105,10 @@ def evaluate(avatar, data: str | Path | None = None, frames: int = 16, sampler: 
         result[key] = mean_score(s[key] for s in scores)
     ceiling = frame_scores(autoencoder_images(avatar.vae, truth, batch_size), truth, mask)
     result["autoencoder"] = {key: mean_score(s[key] for s in ceiling) for key in ceiling[0]}
-    result["flicker"] = flicker_scores(render(sequence), torch.stack([f.image for f in sequence]))
+    rendered_sequence, true_sequence = render(sequence), torch.stack([f.image for f in sequence])
+    result["flicker"] = flicker_scores(rendered_sequence, true_sequence)
+    if jod:
+        result["jod"] = jod_score(rendered_sequence, true_sequence)
     # the neutral code on the more expressive half: how much of the in-mask quality the code itself buys
     expressive = expressive_half(torch.stack([f.code for f in held]))
     subset = [held[i] for i in expressive]
