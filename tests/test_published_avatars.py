@@ -28,7 +28,7 @@ def test_novel_view_and_square_crop_intrinsics():
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
     root = tmp_path_factory.mktemp("published")
-    write_synthetic_person(root / "person", sequences=2, frames=4, cameras=2, size=24)
+    write_synthetic_person(root / "person", sequences=2, frames=4, cameras=2, size=160)
     assert main(["import-nersemble", str(root / "person"), "--out", str(root / "ds")]) == 0
     assert main(["fit-head", "--dataset", str(root / "ds"), "--out", str(root / "head.npz"), "--kind", "linear"]) == 0
     run = write_release_run(root / "run", release_state(seed=4, code_size=206, people=2, scale=0.02))
@@ -64,5 +64,23 @@ def test_eval_crops_recorded_images_to_the_avatars_square(published):
 
     avatar = Avatar(tiny_config(16).replace(expression_dim=206, expression_names=None), seed=0)
     result = evaluate(avatar, data=published / "ds", frames=2, steps=1)
-    assert result["frames"] == 2 and all(f["crop"][2] == 24 for f in result["per_frame"])  # 24x24 images, whole
+    assert result["frames"] == 2 and all(f["crop"][2] == 160 for f in result["per_frame"])  # 160x160 images: whole
     assert 0 < result["psnr"] < 60
+
+
+def test_fit_driver_on_the_imported_data_then_drive_the_imported_avatar(published, tmp_path, capsys):
+    import imageio.v2 as imageio
+
+    avatar = str(published / "avatar")
+    assert main(["fit-driver", "--avatar", avatar, "--data", str(published / "ds"), "--out",
+                 str(tmp_path / "map.npz")]) == 0
+    assert "tracked 16 of 16 images" in capsys.readouterr().out
+    video = tmp_path / "webcam.mp4"  # the person's own recorded frames stand in for a webcam
+    with imageio.get_writer(video, fps=12, codec="libx264", macro_block_size=1, ffmpeg_log_level="error") as w:
+        for png in sorted((published / "ds" / "EXP-2-synthetic" / "222200038").glob("*.png")):
+            w.append_data(np.asarray(imageio.imread(png))[..., :3])
+    assert main(["drive", "--avatar", avatar, "--video", str(video), "--map", str(tmp_path / "map.npz"),
+                 "--out", str(tmp_path / "frames"), "--frames", "3", "--fixed-camera", "--sampler", "ddim",
+                 "--steps", "1"]) == 0
+    assert "tracked 3 of 3 frames" in capsys.readouterr().out
+    assert len(list((tmp_path / "frames").glob("*.png"))) == 3
