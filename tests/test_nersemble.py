@@ -203,3 +203,32 @@ def test_malformed_release_data_raises_format_errors(tmp_path, person_root):
     (root / "calibration" / "config.json").write_text(json.dumps({"serials": SERIALS[:1], "image_size": [W, H]}))
     with pytest.raises(FormatError, match="calibration .* is malformed"):
         NersemblePerson(root)
+
+
+def test_the_neck_cut_is_snapped_to_a_plane_in_posed_space():
+    """On a closed head (the synthetic head in NPHM space, x 4) cut by a tilted canonical plane: every kept vertex
+    lies above the plane fitted in posed space and the new boundary lies on it; the canonical cut alone leaves a
+    jagged boundary (the release's cut_throat_and_move_vertices)."""
+    from engine.data.nersemble import NECK_MARGIN, cut_neck_snapped
+    from engine.data.synthetic import synthetic_head
+
+    mesh = synthetic_head().posed_mesh(torch.tensor([0.6, 0, 0, 0, 0, 0, 0, 0]))
+    v, f, c = mesh.vertices.double().numpy() * 4, mesh.faces.numpy(), mesh.canonical.numpy()
+    n = np.array([0.0, 1.0, 0.3]) / np.linalg.norm([0.0, 1.0, 0.3])
+    plane = (np.array([0.0, -0.3 - NECK_MARGIN, 0.0]), n)
+    cut_v, cut_f, keep = cut_neck_snapped(v, f, c, plane)
+    assert 0.5 * len(v) < keep.sum() < len(v) and cut_f.max() < len(cut_v)
+
+    def ring(vertices, faces):
+        edges = np.sort(faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
+        unique, counts = np.unique(edges, axis=0, return_counts=True)
+        return vertices[np.unique(unique[counts == 1])]
+
+    snapped = ring(cut_v, cut_f)
+    centre = snapped.mean(0)
+    normal = np.linalg.svd(snapped - centre)[2][2]
+    assert np.abs((snapped - centre) @ normal).max() < 1e-9  # the boundary is flat
+    side = (cut_v - centre) @ normal
+    assert (side * np.sign(side.mean()) > -1e-9).all()  # nothing below the posed plane
+    plain = ring(v, f[((c[:, :3] - plane[0]) @ n > NECK_MARGIN)[f].all(axis=1)])
+    assert np.abs((plain - plain.mean(0)) @ np.linalg.svd(plain - plain.mean(0))[2][2]).max() > 1e-3
