@@ -3,8 +3,9 @@ for the paper's comparison) and novel views with the release's intrinsics.
 
 - `square_crop(camera, centre, size)`: the largest square of the recorded image (side min(W, H)) centred on the
   projected head centre (clamped to stay inside the image), resized to `size` x `size`; the same crop of an image
-  by `crop_image`. The release trains on random square crops of at least 0.7 of the width resized to 512; for
-  evaluation a fixed, head-centred full-width square keeps the whole head and the same pixels in every frame.
+  by `crop_image`. The release's evaluation crop (`rendering_dataset.get_random_crop`) is the full-width square
+  around the centre of the face's bounding box, moved to stay inside the image; here the projected head centre
+  stands in for the bounding-box file.
 - `novel_view(camera, size)`: the release's novel-view intrinsics, fx, fy scaled by 512 / 2200 (the ratio of the
   avatar's size to NeRSemble's full image width) and cx = cy = 256, here generalised to fx * size / W and
   cx = cy = size / 2 of a camera of width W at any resolution.
