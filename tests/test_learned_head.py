@@ -63,6 +63,8 @@ def test_the_file_round_trips_and_is_read_strictly(tracked, tmp_path):
     again = load_head_model("learned:head.npz", tmp_path)
     code = torch.linspace(-1, 1, 206)
     assert torch.allclose(again.posed_mesh(code).vertices, head.posed_mesh(code).vertices, atol=1e-7)
+    far = torch.full((206,), 50.0)  # outside the tracked range: clamped per dimension to it
+    assert torch.equal(again.posed_mesh(far).vertices, again.posed_mesh(again.arrays["code_high"]).vertices)
     with pytest.raises(InputError, match="takes 206-value codes, got 200"):
         again.posed_mesh(torch.zeros(200))
     arrays = dict(np.load(path))

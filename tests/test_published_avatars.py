@@ -84,3 +84,22 @@ def test_fit_driver_on_the_imported_data_then_drive_the_imported_avatar(publishe
                  "--steps", "1"]) == 0
     assert "tracked 3 of 3 frames" in capsys.readouterr().out
     assert len(list((tmp_path / "frames").glob("*.png"))) == 3
+
+
+def test_serve_renders_a_new_code_for_the_imported_avatar(published):
+    import json
+
+    pytest.importorskip("uvicorn", reason="the live extra is not installed (pip install -e '.[live]')")
+    from websockets.sync.client import connect
+
+    from engine.live.app import BackgroundServer
+    from engine.live.protocol import unpack_binary
+    from engine.live.worker import RenderWorker
+
+    codes = np.load(published / "ds" / "EXP-1-synthetic" / "codes.npy")
+    worker = RenderWorker(Avatar.from_pretrained(published / "avatar"), sampler="ddim", steps=1, max_steps=2)
+    with BackgroundServer(worker) as server, connect(server.ws_url, max_size=None, open_timeout=30) as ws:
+        assert json.loads(ws.recv(timeout=30))["expression_dim"] == 206
+        ws.send(json.dumps({"type": "render", "id": 1, "code": (0.5 * (codes[0] + codes[2])).tolist()}))
+        header, jpeg = unpack_binary(ws.recv(timeout=60))
+        assert header["type"] == "frame" and jpeg[:2] == b"\xff\xd8"
