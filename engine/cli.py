@@ -26,6 +26,7 @@ COMMANDS = {
                          "convert the release's tracked NeRSemble data into a training dataset"),
     "import-release": ("engine.release_import",
                        "import one person of the authors' released checkpoint onto a local SD 2.1 folder"),
+    "fit-head": ("engine.heads.cli", "fit a person's learned head model (code -> posed mesh) on tracked frames"),
     "train": ("engine.training.cli", "train an avatar on a dataset (accelerate: CPU, one or several GPUs)"),
     "eval": ("engine.evaluation.cli", "render held-out frames and report PSNR, SSIM and flicker"),
     "drive": ("engine.live.drive", "drive an avatar from a video or a webcam (expression transfer)"),
@@ -44,7 +45,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("render", help="render a sequence file to an mp4 or a folder of PNG frames")
     p.add_argument("--avatar", required=True, help=AVATAR_HELP)
-    p.add_argument("--sequence", required=True, help="sequence file (JSON; `avatar orbit` writes one)")
+    p.add_argument("--sequence", required=True, help="sequence file (JSON; `avatar orbit` writes one), or with "
+                   "--dataset the name of one of its tracked sequences")
+    p.add_argument("--dataset", default=None, help="a dataset folder of tracked frames (`avatar import-nersemble`): "
+                   "render --sequence from its per-frame meshes and codes")
+    view = p.add_mutually_exclusive_group()
+    view.add_argument("--camera", default=None, help="with --dataset: the recorded camera (serial), square-cropped "
+                      "around the head (default: the held-out camera)")
+    view.add_argument("--orbit", type=float, default=None, metavar="DEG", help="with --dataset: novel views (the "
+                      "release's intrinsics) swinging +-DEG about the head from the camera")
     p.add_argument("--out", required=True, help="OUT.mp4 for a video, anything else is a folder of PNG frames")
     p.add_argument("--alpha", action="store_true", help="RGBA PNG frames with the head mask as alpha")
     p.add_argument("--fps", type=positive_int, default=24, help="video frame rate (default: 24)")
@@ -87,7 +96,15 @@ def cmd_render(args) -> None:
     from .sequence import read_sequence
     from .video import FrameWriter, contact_sheet, write_png
 
-    frames = read_sequence(args.sequence, resolve_avatar(args.avatar).config())
+    config = resolve_avatar(args.avatar).config()
+    if args.dataset is not None:
+        from .data.views import tracked_sequence_frames
+
+        frames = tracked_sequence_frames(args.dataset, args.sequence, config.image_size, args.camera, args.orbit)
+    elif args.camera is not None or args.orbit is not None:
+        raise ConfigError("--camera and --orbit choose the views of a --dataset sequence; add --dataset DIR")
+    else:
+        frames = read_sequence(args.sequence, config)
     picks = set(np.linspace(0, len(frames) - 1, min(16, len(frames))).round().astype(int).tolist())
     sheet = []
     if args.sheet:

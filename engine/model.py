@@ -247,8 +247,7 @@ class Avatar(nn.Module):
 
     # -- the avatar folder ------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> Path:
-        """Write `config.json` + `model.safetensors` (+ the head model file of a file-backed head model,
-        `mesh:<file>` or `learned:<file>`).
+        """Write `config.json` + `model.safetensors` (+ the file of a file-backed head model: `mesh:`, `learned:`).
 
         Every file is written under a temporary name and renamed, config.json last, so an interrupted save
         never leaves a half-written file behind. Returns the folder.

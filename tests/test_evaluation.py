@@ -215,8 +215,11 @@ def test_evaluate_on_a_dataset_eval_split(data):
 
 def test_lpips_needs_the_package_and_local_weights(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "lpips", None)  # import fails
-    with pytest.raises(BackendError, match="pip install lpips"):
+    with pytest.raises(CheckpointError, match="w.pth is not a readable LPIPS state dict"):
         LPIPS(tmp_path / "w.pth")
+    torch.save({"net.slice1.0.weight": torch.zeros(64, 3, 3, 3)}, tmp_path / "vgg.pth")
+    with pytest.raises(BackendError, match="pip install lpips"):  # only AlexNet runs without the package
+        LPIPS(tmp_path / "vgg.pth")
 
     class FakeLPIPS(torch.nn.Module):
         def __init__(self, net, pretrained, pnet_rand, verbose):

@@ -3,8 +3,6 @@
 
 import argparse
 import json
-import lzma
-import struct
 
 import numpy as np
 import pytest
@@ -17,52 +15,12 @@ from engine.data.meshio import read_mesh_file
 from engine.data.nersemble import NersemblePerson, dequantize_canonical, euler_xyz, rodrigues
 from engine.data.nersemble_dataset import convert_nersemble
 from engine.errors import FormatError
+from release_layout import ctm_bytes, ply_bytes
 
 SERIALS = ["222200037", "222200038"]
 SEQS = ["EMO-1-shout+laugh", "EXP-2-eyes"]
 STEPS = [0, 3, 6]
 W, H = 64, 48  # full resolution; images are stored at half (images-2x)
-
-
-# -- writers of the release's file formats (independent of the readers under test) -----------------
-def ctm_bytes(vertices: np.ndarray, faces: np.ndarray, method: str = "MG1") -> bytes:
-    """An OpenCTM v5 file. MG1 follows libopenctm's encoder: triangles rotated to start at their smallest index
-    and sorted, index deltas, byte-plane interleaving, raw LZMA1 with a 5-byte property header."""
-    head = b"OCTM" + struct.pack("<i4s5i", 5, method.encode().ljust(4, b"\0"), len(vertices), len(faces), 0, 0, 0)
-    head += struct.pack("<I", 4) + b"test"
-    if method == "RAW":
-        return head + b"INDX" + faces.astype("<u4").tobytes() + b"VERT" + vertices.astype("<f4").tobytes()
-    tri = np.array([np.roll(f, -int(np.argmin(f))) for f in faces], dtype=np.int64)
-    tri = tri[np.lexsort((tri[:, 1], tri[:, 0]))]
-    d = tri.copy()
-    for i in range(len(d) - 1, -1, -1):
-        d[i, 1] -= tri[i - 1, 1] if i >= 1 and tri[i, 0] == tri[i - 1, 0] else tri[i, 0]
-        d[i, 2] -= tri[i, 0]
-        if i >= 1:
-            d[i, 0] -= tri[i - 1, 0]
-
-    def pack(words: np.ndarray, size: int) -> bytes:  # words [count * size] uint32, element-major
-        w = words.reshape(-1, size)
-        planes = [((w >> (8 * b)) & 0xFF).astype(np.uint8).T.reshape(-1) for b in (3, 2, 1, 0)]
-        filt = {"id": lzma.FILTER_LZMA1, "dict_size": 1 << 16, "lc": 3, "lp": 0, "pb": 2}
-        packed = lzma.compress(np.concatenate(planes).tobytes(), format=lzma.FORMAT_RAW, filters=[filt])
-        props = bytes([(2 * 5 + 0) * 9 + 3]) + struct.pack("<I", 1 << 16)
-        return struct.pack("<I", len(packed)) + props + packed
-
-    body = b"INDX" + pack((d & 0xFFFFFFFF).astype(np.uint32).reshape(-1), 3)
-    body += b"VERT" + pack(vertices.astype("<f4").reshape(-1).view(np.uint32), 1)
-    return head + body
-
-
-def ply_bytes(vertices, faces, binary=False) -> bytes:
-    hdr = (f"ply\nformat {'binary_little_endian' if binary else 'ascii'} 1.0\ncomment test\n"
-           f"element vertex {len(vertices)}\nproperty float x\nproperty float y\nproperty float z\n"
-           f"element face {len(faces)}\nproperty list uchar int vertex_indices\nend_header\n").encode()
-    if binary:
-        body = b"".join(struct.pack("<3f", *v) for v in vertices)
-        return hdr + body + b"".join(struct.pack("<B3i", 3, *f) for f in faces)
-    lines = [" ".join(f"{x:.8g}" for x in v) for v in vertices] + [f"3 {a} {b} {c}" for a, b, c in faces]
-    return hdr + ("\n".join(lines) + "\n").encode()
 
 
 def grid_mesh(t: int):
@@ -245,3 +203,32 @@ def test_malformed_release_data_raises_format_errors(tmp_path, person_root):
     (root / "calibration" / "config.json").write_text(json.dumps({"serials": SERIALS[:1], "image_size": [W, H]}))
     with pytest.raises(FormatError, match="calibration .* is malformed"):
         NersemblePerson(root)
+
+
+def test_the_neck_cut_is_snapped_to_a_plane_in_posed_space():
+    """On a closed head (the synthetic head in NPHM space, x 4) cut by a tilted canonical plane: every kept vertex
+    lies above the plane fitted in posed space and the new boundary lies on it; the canonical cut alone leaves a
+    jagged boundary (the release's cut_throat_and_move_vertices)."""
+    from engine.data.nersemble import NECK_MARGIN, cut_neck_snapped
+    from engine.data.synthetic import synthetic_head
+
+    mesh = synthetic_head().posed_mesh(torch.tensor([0.6, 0, 0, 0, 0, 0, 0, 0]))
+    v, f, c = mesh.vertices.double().numpy() * 4, mesh.faces.numpy(), mesh.canonical.numpy()
+    n = np.array([0.0, 1.0, 0.3]) / np.linalg.norm([0.0, 1.0, 0.3])
+    plane = (np.array([0.0, -0.3 - NECK_MARGIN, 0.0]), n)
+    cut_v, cut_f, keep = cut_neck_snapped(v, f, c, plane)
+    assert 0.5 * len(v) < keep.sum() < len(v) and cut_f.max() < len(cut_v)
+
+    def ring(vertices, faces):
+        edges = np.sort(faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
+        unique, counts = np.unique(edges, axis=0, return_counts=True)
+        return vertices[np.unique(unique[counts == 1])]
+
+    snapped = ring(cut_v, cut_f)
+    centre = snapped.mean(0)
+    normal = np.linalg.svd(snapped - centre)[2][2]
+    assert np.abs((snapped - centre) @ normal).max() < 1e-9  # the boundary is flat
+    side = (cut_v - centre) @ normal
+    assert (side * np.sign(side.mean()) > -1e-9).all()  # nothing below the posed plane
+    plain = ring(v, f[((c[:, :3] - plane[0]) @ n > NECK_MARGIN)[f].all(axis=1)])
+    assert np.abs((plain - plain.mean(0)) @ np.linalg.svd(plain - plain.mean(0))[2][2]).max() > 1e-3

@@ -23,7 +23,9 @@ Layout of one person's folder (file names and JSON keys as in the release's data
 Meshes: `.CTM` (OpenCTM RAW/MG1) or a converted `.ply`/`.obj`/`.npz` with the same stem (see `meshio`). Canonical
 coordinates decode as v = q (max - min) / 65535 + min with model.md's min/max. World vertices (the release's NPHM
 provider): v / 4, then x_world = scale * R_XYZ(rotation[i]) x + translation[i], with i the timestep's position among
-the sequence's sorted timesteps. Expression = ex_code (200) + FLAME eyes (6) = 206 values. Images: colour-corrected,
+the sequence's sorted timesteps. The neck is cut as the release does (`cut_neck_snapped`: the FLAME plane in
+canonical space, then a plane fitted to the cut in posed space, its boundary moved onto it).
+Expression = ex_code (200) + FLAME eyes (6) = 206 values. Images: colour-corrected,
 matted to white by the alpha map, torso (facer label 3, and the top label when > 14) removed; intrinsics scaled by
 1 / N for `images-<N>x` (plain scaling, as the release does). The release holds out camera 222200037 and two
 sequences per person (`RELEASE_EVAL_SEQUENCES`).
@@ -85,6 +87,43 @@ def euler_xyz(angles) -> np.ndarray:
 def dequantize_canonical(q: np.ndarray) -> np.ndarray:
     """[V, 5] uint16 -> [V, 5] float32 canonical xyz + ambient: q (max - min) / 65535 + min."""
     return (q.astype(np.float64) * (CANONICAL_MAX - CANONICAL_MIN) / 65535.0 + CANONICAL_MIN).astype(np.float32)
+
+
+def _boundary_vertices(faces: np.ndarray, exclude: set | None = None) -> tuple[np.ndarray, set]:
+    """(ids of the vertices on edges used by one face only, those edges), leaving out the edges in `exclude`."""
+    edges = np.sort(faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
+    unique, counts = np.unique(edges, axis=0, return_counts=True)
+    single = {tuple(e) for e in unique[counts == 1].tolist()} - (exclude or set())
+    return np.unique(np.array(sorted(single), dtype=np.int64).reshape(-1)), single
+
+
+def cut_neck_snapped(v: np.ndarray, faces: np.ndarray, canonical: np.ndarray, plane) -> tuple:
+    """The release's neck cut (`nphm_provider.cut_throat_and_move_vertices`) on a mesh in NPHM posed space: cut by
+    the FLAME template plane in canonical space (margin NECK_MARGIN), fit a plane through the posed vertices on
+    the cut's boundary (least squares, its normal turned to +y, NPHM's up; vertices at z <= -0.9, the marching
+    cube's wall, left out), cut the mesh by that posed plane instead and move the new boundary's vertices onto it,
+    so the neck ends in a flat cut. Returns (vertices, faces, kept-vertex mask). When the cut's boundary gives no
+    plane (fewer than 3 vertices, or all on a line), the canonical cut alone."""
+    p1, n = plane
+    above = (canonical[:, :3].astype(np.float64) - p1) @ n > NECK_MARGIN
+    _, own = _boundary_vertices(faces)  # the mesh's own border is not the cut's
+    ids, _ = _boundary_vertices(faces[above[faces].all(axis=1)], exclude=own)
+    ring = v[ids][v[ids, 2] > -0.9] if len(ids) else np.zeros((0, 3))
+    keep = above
+    if len(ring) >= 3:
+        centre = ring.mean(0)
+        _, sv, vt = np.linalg.svd(ring - centre)
+        if sv[1] > 1e-6 * max(sv[0], 1e-12):
+            normal = vt[2] if vt[2][1] >= 0 else -vt[2]
+            keep = (v - centre) @ normal > 0
+            faces_kept = faces[keep[faces].all(axis=1)]
+            ids, _ = _boundary_vertices(faces_kept, exclude=own)
+            ids = ids[v[ids, 2] > -0.9]
+            v = v.copy()
+            v[ids] -= ((v[ids] - centre) @ normal)[:, None] * normal
+    faces = faces[keep[faces].all(axis=1)]
+    remap = np.cumsum(keep) - 1
+    return v[keep], remap[faces], keep
 
 
 def _json(path: Path) -> dict:
@@ -252,15 +291,13 @@ class NersembleSequence:
             raise FormatError(f"{q_path} holds {q.dtype} {list(q.shape)}, expected uint16 [{len(v)}, 5] (one row "
                               f"per vertex of {path.name})")
         canonical = dequantize_canonical(q)
+        v = v.astype(np.float64)
+        if cut_neck and self.person.neck_plane is not None:
+            v, faces, keep = cut_neck_snapped(v, faces, canonical, self.person.neck_plane)
+            canonical = canonical[keep]
         i = self._row[t]
         M = euler_xyz(self.flame_params["rotation"][i]) * (self.scale if self.scale.size == 3 else self.scale[0])
-        world = (v.astype(np.float64) / 4.0) @ M.T + self.flame_params["translation"][i].reshape(3)
-        if cut_neck and self.person.neck_plane is not None:
-            p1, n = self.person.neck_plane
-            keep = (canonical[:, :3].astype(np.float64) - p1) @ n > NECK_MARGIN
-            faces = faces[keep[faces].all(axis=1)]
-            remap = np.cumsum(keep) - 1
-            world, canonical, faces = world[keep], canonical[keep], remap[faces]
+        world = (v / 4.0) @ M.T + self.flame_params["translation"][i].reshape(3)
         try:
             return Mesh(world.astype(np.float32), faces, canonical)
         except InputError as e:

@@ -12,7 +12,9 @@ units, of the prediction and of the ground truth, and their ratio: 1 is as stead
 ceiling (the same scores of decode(encode(ground truth)) by the avatar's VAE: no rendered frame can beat what its
 VAE keeps); the neutral-code comparison (head-mask PSNR of the more expressive half of the frames rendered with
 their true code minus the same frames rendered with the neutral code: how much the expression code is honoured);
-LPIPS with `lpips_weights`. With `out`, also `metrics.json` and `grid.png` (prediction | ground truth | error).
+LPIPS with `lpips_weights`; JOD (FovVideoVDP) with `jod`. Recorded images larger than the avatar's square are cut
+to the head-centred square crop (`held_out.cropped_to`), as `avatar render --dataset` renders them. With `out`, also
+`metrics.json` and `grid.png` (prediction | ground truth | error).
 "weights" records which weights were scored (`scores.weights_sha256`): the sha256 of `weights_file` (the avatar
 folder's `model.safetensors`, as `sha256sum` prints it) when given, else of the state dict.
 """
@@ -26,7 +28,7 @@ import torch
 
 from ..errors import ConfigError, InputError
 from ..files import write_atomic
-from .held_out import HeldOutFrame, check_versions, dataset_frames, synthetic_frames
+from .held_out import HeldOutFrame, check_versions, cropped_to, dataset_frames, synthetic_frames
 from .scores import (
     LPIPS,
     autoencoder_images,
@@ -34,6 +36,7 @@ from .scores import (
     expressive_half,
     flicker_scores,
     frame_scores,
+    jod_score,
     json_safe,
     mean_score,
     save_grid,
@@ -45,10 +48,11 @@ from .scores import (
 def evaluate(avatar, data: str | Path | None = None, frames: int = 16, sampler: str | None = None,
              steps: int | None = None, seed: int | None = None, out: str | Path | None = None, device: str = "cpu",
              lpips_weights: str | Path | None = None, batch_size: int = 4,
-             weights_file: str | Path | None = None, decoder: str | None = None) -> dict:
+             weights_file: str | Path | None = None, decoder: str | None = None, jod: bool = False) -> dict:
     """Score `avatar` on held-out frames (see the module docstring); returns the JSON-safe result. sampler, steps,
     decoder: as `Renderer`'s (default: the avatar's recorded recipe). `weights_file`: the `model.safetensors`
-    `avatar` was loaded from, whose sha256 the result records (else the state dict's)."""
+    `avatar` was loaded from, whose sha256 the result records (else the state dict's). `jod`: also FovVideoVDP's
+    JOD of the flicker sequence as a video (`scores.jod_score`, needs pyfvvdp)."""
     from ..renderer import Renderer
 
     held, sequence = held_out_frames(avatar, data, frames)
@@ -70,7 +74,7 @@ def evaluate(avatar, data: str | Path | None = None, frames: int = 16, sampler: 
         result[key] = mean_score(s[key] for s in scores)
     ceiling = frame_scores(autoencoder_images(avatar.vae, truth, batch_size), truth, mask)
     result["autoencoder"] = {key: mean_score(s[key] for s in ceiling) for key in ceiling[0]}
-    result.update(sequence_scores(renderer, held, sequence, scores, batch_size))
+    result.update(sequence_scores(renderer, held, sequence, scores, batch_size, jod))
     result["per_frame"] = per_frame
     result = json_safe(result)
     if out is not None:
@@ -89,7 +93,9 @@ def held_out_frames(avatar, data: str | Path | None, frames: int) -> tuple[list[
     if data is not None:
         held, sequence, dataset = dataset_frames(data, frames)
         size = (config.image_size, config.image_size)
-        if dataset.image_size != size or dataset.expression_dim != config.expression_dim:
+        if dataset.image_size != size and min(dataset.image_size) >= config.image_size:  # recorded images: crop
+            held, sequence = cropped_to(held, config.image_size), cropped_to(sequence, config.image_size)
+        elif dataset.image_size != size or dataset.expression_dim != config.expression_dim:
             raise ConfigError(f"{data} has {dataset.image_size[0]}x{dataset.image_size[1]} images and "
                               f"{dataset.expression_dim}-value codes, avatar {config.name!r} renders "
                               f"{config.image_size}x{config.image_size} from {config.expression_dim}: use its data")
@@ -119,13 +125,17 @@ def render_frames(renderer, frames: list[HeldOutFrame], batch_size: int, codes=N
 
 
 def sequence_scores(renderer, held: list[HeldOutFrame], sequence: list[HeldOutFrame], scores: list[dict],
-                    batch_size: int) -> dict:
-    """{"flicker": on the sequence, "neutral": the expression gain} of `renderer`'s frames, whose per-frame `scores`
-    on `held` are given (the neutral code on the more expressive half: how much in-mask quality the code buys)."""
+                    batch_size: int, jod: bool = False) -> dict:
+    """{"flicker": on the sequence, "neutral": the expression gain, with `jod` "jod": FovVideoVDP on the sequence} of
+    `renderer`'s frames, whose per-frame `scores` on `held` are given (the neutral code on the more expressive half:
+    how much in-mask quality the code buys)."""
     from ..heads import StaticHead
 
     head = renderer.avatar.head_model
-    flicker = flicker_scores(render_frames(renderer, sequence, batch_size), torch.stack([f.image for f in sequence]))
+    rendered_sequence, true_sequence = render_frames(renderer, sequence, batch_size), torch.stack([f.image for f in
+                                                                                                   sequence])
+    flicker = flicker_scores(rendered_sequence, true_sequence)
+    extra = {"jod": jod_score(rendered_sequence, true_sequence)} if jod else {}
     expressive = expressive_half(torch.stack([f.code for f in held]))
     subset = [held[i] for i in expressive]
     neutral = torch.zeros(len(subset), renderer.config.expression_dim)
@@ -133,5 +143,5 @@ def sequence_scores(renderer, held: list[HeldOutFrame], sequence: list[HeldOutFr
     meshes = [head.posed_mesh(c) for c in neutral] if posing else None
     truth, mask = torch.stack([f.image for f in subset]), torch.stack([f.mask for f in subset])
     neutral_scores = frame_scores(render_frames(renderer, subset, batch_size, neutral, meshes), truth, mask)
-    return {"flicker": flicker, "neutral": {**expression_gain(scores, neutral_scores, expressive),
-                                            "neutral_mesh": posing}}
+    return {"flicker": flicker, **extra, "neutral": {**expression_gain(scores, neutral_scores, expressive),
+                                                      "neutral_mesh": posing}}

@@ -32,7 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "its three files (required there)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--lpips-weights", default=None, help="local state dict of a whole lpips.LPIPS module "
-                   "(torch.save(lpips.LPIPS(net='alex').state_dict(), PATH)); needs `pip install lpips`")
+                   "(torch.save(lpips.LPIPS(net='alex').state_dict(), PATH)); AlexNet weights also run without "
+                   "the lpips package")
+    p.add_argument("--jod", action="store_true", help="also FovVideoVDP's JOD of the held-out video sequence "
+                   "(the paper's Table 1 column; needs `pip install pyfvvdp`, no weights)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> None:
     result = evaluate(avatar, data=args.data, frames=args.frames, sampler=args.sampler, steps=args.steps,
                       seed=args.seed, out=args.out, device=args.device, lpips_weights=args.lpips_weights,
                       batch_size=args.batch_size, weights_file=folder / WEIGHTS_FILE if folder else None,
-                      decoder=args.decoder)
+                      decoder=args.decoder, jod=args.jod)
     print(json.dumps(result, indent=1) if args.json else format_table(result))
 
 

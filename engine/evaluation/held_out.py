@@ -138,3 +138,17 @@ def check_versions(avatar_version, data_version=None, data_root=None) -> None:
         check_synthetic_version(avatar_version, "the avatar")
     if data_version is not None:
         check_synthetic_version(data_version, f"the dataset {data_root}")
+
+
+def cropped_to(frames: list[HeldOutFrame], size: int) -> list[HeldOutFrame]:
+    """Frames of recorded (non-square or larger) images cut to the head-centred square and resized to `size`
+    (`engine.data.views.square_crop`, the crop `avatar render --dataset --camera` renders): camera, image and mask
+    alike. The crop is centred on each frame's mesh centre; the background stays the dataset's (white)."""
+    from ..data.views import crop_image, square_crop
+
+    out = []
+    for f in frames:
+        camera, box = square_crop(f.camera, f.mesh.vertices.mean(0), size)
+        out.append(HeldOutFrame(camera, f.code, f.mesh, crop_image(f.image, box, size), crop_image(f.mask, box, size),
+                                {**f.label, "crop": list(box)}))
+    return out

@@ -144,14 +144,12 @@ def mean_score(values) -> float:
 class LPIPS:
     """LPIPS (Zhang et al. 2018) from local weights only: `path` is a state dict of a whole `lpips.LPIPS` module
     (backbone + linear heads; AlexNet or VGG, told apart by the first conv), e.g. written once where downloads work:
-    `torch.save(lpips.LPIPS(net="alex").state_dict(), "lpips_alex.pth")`. Needs the `lpips` package."""
+    `torch.save(lpips.LPIPS(net="alex").state_dict(), "lpips_alex.pth")`. Uses the `lpips` package when installed;
+    without it, AlexNet weights run on the plain-torch copy of the network (`lpips_alex`)."""
 
     def __init__(self, path: str | Path):
-        try:
-            import lpips
-        except ImportError as e:
-            raise BackendError("LPIPS needs the lpips package: pip install lpips (weights are read from "
-                               "--lpips-weights only, nothing is downloaded)") from e
+        from .lpips_alex import lpips_alex, required_keys
+
         path = Path(path)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -162,17 +160,45 @@ class LPIPS:
             raise CheckpointError(f"{path} is not a whole lpips.LPIPS state dict (no net.slice1.0.weight); save one "
                                   "with torch.save(lpips.LPIPS(net='alex').state_dict(), PATH)")
         net = "alex" if first.shape[-1] == 11 else "vgg"
+        try:
+            import lpips
+        except ImportError as e:
+            if net != "alex":
+                raise BackendError("VGG LPIPS weights need the lpips package: pip install lpips (weights are read "
+                                   "from --lpips-weights only, nothing is downloaded)") from e
+            missing = [k for k in required_keys() if k not in state]
+            if missing:
+                raise CheckpointError(f"{path} lacks {missing[:3]}; save a whole lpips.LPIPS(net='alex')") from None
+            weights = {k: state[k].float() for k in required_keys()}
+            self.model = lambda a, b: lpips_alex({k: v.to(a.device) for k, v in weights.items()}, a, b)
+            self.device = torch.device("cpu")
+            return
         self.model = lpips.LPIPS(net=net, pretrained=False, pnet_rand=True, verbose=False)
         self.model.load_state_dict(state)
         self.model.eval().requires_grad_(False)
 
     def to(self, device) -> LPIPS:
-        self.model.to(device)
+        if isinstance(self.model, torch.nn.Module):
+            self.model.to(device)
+        self.device = torch.device(device)
         return self
 
     @torch.no_grad()
     def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> list[float]:
         """Per-frame LPIPS of `[B, 3, H, W]` images in [0, 1] (lower is closer)."""
-        device = next(self.model.parameters()).device
+        device = next(self.model.parameters()).device if isinstance(self.model, torch.nn.Module) else self.device
         values = self.model(pred.to(device) * 2 - 1, target.to(device) * 2 - 1)
         return values.flatten().tolist()
+
+
+def jod_score(pred: torch.Tensor, target: torch.Tensor, fps: float = 24.0) -> float:
+    """FovVideoVDP's JOD (10 = identical) of the video `pred` against `target` (`[T, 3, H, W]` in [0, 1]) on its
+    standard 4K display model; needs `pip install pyfvvdp` (no weights)."""
+    try:
+        import pyfvvdp
+    except ImportError as e:
+        raise BackendError("JOD needs FovVideoVDP: pip install pyfvvdp (no weights are downloaded)") from e
+    metric = pyfvvdp.fvvdp(display_name="standard_4k", heatmap=None)
+    jod, _ = metric.predict(pred.permute(0, 2, 3, 1).cpu(), target.permute(0, 2, 3, 1).cpu(), dim_order="FHWC",
+                            frames_per_second=fps)
+    return float(jod)

@@ -4,6 +4,10 @@
 modules extend with `register_head_model(kind, factory)`:
 - `"builtin:head"`: `StaticHead` of `builtin_head_mesh()`.
 - `"mesh:<file.npz>"`: `StaticHead` of a mesh file (`Mesh.save` format), relative to `root` (the avatar folder).
+- `"learned:<file.npz>"`: `LearnedHead` (`engine.heads.learned`), a person's code -> mesh map fitted on tracked
+  frames by `avatar fit-head`, relative to `root`.
+- `"nphm:<head.json>"`: `NphmHead` (`engine.heads.nphm`), the NPHM tracking model's backward field inverted per
+  vertex of a fixed template (GPU-scale).
 - `"synthetic[:<version>]"`: the procedural, rigged head of `engine.data.synthetic` (ARKit-named code).
 - `"none"`: no head model (returns None), for avatars driven by pre-rendered buffers.
 Kinds registered with `file_argument=True` (`mesh`, `learned`) name a file in the avatar folder: `head_file` finds
@@ -134,7 +138,21 @@ def _synthetic(arg: str, root: Path | None) -> HeadModel:
     return synthetic_head(arg)
 
 
+def _learned(arg: str, root: Path | None) -> HeadModel:
+    from .learned import learned_head
+
+    return learned_head(arg, root)
+
+
+def _nphm(arg: str, root: Path | None) -> HeadModel:
+    from .nphm import nphm_head
+
+    return nphm_head(arg, root)
+
+
 register_head_model("builtin", _builtin)
+register_head_model("nphm", _nphm, file_argument=True)
+register_head_model("learned", _learned, file_argument=True)
 register_head_model("mesh", _static_mesh, file_argument=True)
 register_head_model("synthetic", _synthetic)
 
