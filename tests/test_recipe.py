@@ -176,3 +176,12 @@ def test_the_shipped_demo_carries_its_recipe_and_tiny_decoder():
     assert config.recipe == Recipe("ddim", 2, "vae")  # README, "The real-time recipe": why not the tiny decoder
     assert config.tiny_decoder == TinyDecoderConfig(latent_channels=4, channels=24, blocks=(3, 3, 1))
     assert sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file()) <= 30 * 2**20
+
+
+def test_the_compiled_backend_decodes_with_the_trained_tiny_decoder(recipe_avatar, frames):
+    ref = Renderer(recipe_avatar)  # the recipe: DDIM 2 + the tiny decoder
+    fast = Renderer(recipe_avatar, backend="compiled", dtype="float32", backend_options={"graphs": False})
+    assert fast.recipe == ref.recipe and fast.backend.nets.decoder_name == "tiny"
+    f = frames[1]
+    a, b = (r.render(f.camera, f.expression).astype(int) for r in (ref, fast))
+    assert np.abs(a - b).max() <= 1  # float32 on both sides: rounding only (a random decoder differs by far more)

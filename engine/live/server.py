@@ -70,7 +70,8 @@ def build_worker(args) -> RenderWorker:
     # Each request is rendered before the next is taken (one frame in flight); its decoder is the recipe's.
     recipe = avatar.config.recipe
     return RenderWorker(avatar, device=args.device, sampler=args.sampler or (recipe.sampler if recipe else "ddim"),
-                        steps=args.steps or (recipe.steps if recipe else 2), max_steps=args.max_steps,
+                        steps=args.steps if args.steps is not None else recipe.steps if recipe else 2,
+                        max_steps=args.max_steps,
                         backends=backends, seed=args.seed,
                         dtype=args.dtype, raster_backend=args.raster, max_message_bytes=args.max_message_bytes,
                         expression_map=args.map)

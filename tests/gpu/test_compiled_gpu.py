@@ -131,10 +131,11 @@ def test_stage_times_inside_the_graph(tiny):
     assert all(t > 0 for t in (times["prep"], times["decode"], *times["steps"]))
 
 
-def test_stream_in_order_and_equal_to_render(tiny):
+@pytest.mark.parametrize("depth", [1, 2])
+def test_stream_in_order_and_equal_to_render(tiny, depth):
     avatar, frames = tiny
     fast = _renderer(avatar, raster_backend="torch")
-    streamed = list(fast.stream(frames, alpha=True))
+    streamed = list(fast.stream(frames, alpha=True, depth=depth))
     assert len(streamed) == len(frames)
     for f, image in zip(frames, streamed):
         np.testing.assert_array_equal(image, fast.render(f.camera, f.expression, alpha=True))
