@@ -36,6 +36,7 @@ if not Path(CHROMIUM).is_file():
                 allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOT = ROOT / "out" / "browser" / "viewer-webcam.png"  # for the record: the page with the webcam on
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 # A frame may arrive while we read: its <img> is then mid-load (naturalWidth 0), so wait for a decoded one.
@@ -202,7 +203,7 @@ def _synthetic_video(path: Path, size: int = 256) -> None:
 
 
 def test_webcam_toggle_drives_the_avatar(server, tmp_path, capsys):
-    from engine.live.worker import tracking_status
+    from engine.live.webcam import tracking_status
 
     pytest.importorskip("mediapipe", reason="mediapipe is not installed (the live extra)")
     assert tracking_status() is None  # with mediapipe there, the project's own tracking modules must load
@@ -226,9 +227,24 @@ def test_webcam_toggle_drives_the_avatar(server, tmp_path, capsys):
                 page.wait_for_timeout(250)
                 shots.append(_pixels(page))
                 headers.append(page.evaluate("window.avatarViewer.state.display.header"))
+            driven = page.evaluate("""() => ({
+              preview: !document.getElementById('camera-video').hidden,
+              mirrored: getComputedStyle(document.getElementById('camera-video')).transform,
+              padDriven: document.getElementById('pad').classList.contains('driven')
+                && !document.getElementById('pad-driven').hidden,
+              rate: window.avatarViewer.state.webcam.fps})""")
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT))
+            page.click("#webcam")
+            page.wait_for_timeout(300)
+            cleared = page.evaluate("[document.getElementById('tracked').textContent, "
+                                    "document.getElementById('pad').classList.contains('driven')]")
             errors = page.evaluate("window.avatarViewer.errors")
         finally:
             context.close()
+    assert driven["preview"] and driven["mirrored"].startswith("matrix(-1"), driven
+    assert driven["padDriven"], "the pad is not shown as driven while the webcam is on"
+    assert cleared == ["–", False], f"webcam off left the tracking status or the pad state: {cleared}"
     assert not errors, errors
     tracked = [h for h in headers if h.get("tracked")]
     assert tracked, f"no tracked webcam frame came back: {headers[-1]}"
@@ -238,4 +254,78 @@ def test_webcam_toggle_drives_the_avatar(server, tmp_path, capsys):
     assert max(diffs) > 1.0, "the webcam frames never changed the image"
     with capsys.disabled():
         print(f"\n[browser webcam] {len(tracked)}/{len(headers)} samples tracked, jawOpen code "
-              f"{min(jaw):.2f}..{max(jaw):.2f}, largest image change {max(diffs):.1f} grey levels")
+              f"{min(jaw):.2f}..{max(jaw):.2f}, largest image change {max(diffs):.1f} grey levels; page tracking "
+              f"rate {driven['rate']:.1f} fps (the fake camera plays 10 fps); screenshot {SCREENSHOT}")
+
+
+def test_page_controls_and_foreign_pages(server, tmp_path):
+    """Corner labels, reset view, the trained-view clamp and its warning; a page on another loopback port is
+    refused by the server."""
+    import http.server
+    import threading
+
+    port = int(server.rsplit(":", 1)[1])
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "index.html").write_text(f"""<script>
+      window.result = {{}};
+      const ws = new WebSocket("ws://127.0.0.1:{port}/ws");
+      ws.onopen = () => {{ window.result.ws = "open"; }};
+      ws.onclose = () => {{ window.result.ws = window.result.ws || "refused"; }};
+      fetch("http://127.0.0.1:{port}/api/info").then(r => {{ window.result.fetch = r.status; }})
+        .catch(() => {{ window.result.fetch = "refused"; }});
+    </script>""")
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(foreign))  # noqa: E731
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    with sync_api.sync_playwright() as p:
+        context = _launch(p, tmp_path / "profile")
+        try:
+            page = context.new_page()
+            page.goto(server)
+            page.wait_for_function(SETTLED_JS, arg=1, timeout=60_000)
+            first = _pixels(page)
+            labels = page.locator(".corner").all_inner_texts()
+            box = page.locator("#view").bounding_box()
+            cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+            n = page.evaluate("window.avatarViewer.frames")
+            page.mouse.move(cx, cy)
+            page.mouse.down()
+            page.mouse.move(cx + 80, cy + 30, steps=4)
+            page.mouse.up()
+            page.mouse.wheel(0, -200)
+            page.wait_for_function(SETTLED_JS, arg=n + 1, timeout=30_000)
+            moved = _pixels(page)
+            n = page.evaluate("window.avatarViewer.frames")
+            page.click("#reset-view")
+            page.wait_for_function(SETTLED_JS, arg=n + 1, timeout=30_000)
+            reset = _pixels(page)
+            # the clamp, on a view range as an avatar with `trained_on` records it (tiny records none)
+            page.evaluate("window.avatarViewer.state.info.view_range = "
+                          "{yaw: [-40, 40], pitch: [-18, 18], distance: [0.9, 1.1]}")
+            page.mouse.move(cx, cy)
+            page.mouse.wheel(0, 2000)
+            page.wait_for_timeout(200)
+            clamped = page.evaluate("[window.avatarViewer.state.camera.distance, "
+                                    "document.getElementById('range-warning').hidden]")
+            page.uncheck("#clamp")
+            page.mouse.move(cx, cy)
+            page.mouse.wheel(0, 2000)
+            page.wait_for_timeout(200)
+            free = page.evaluate("[window.avatarViewer.state.camera.distance, "
+                                 "document.getElementById('range-warning').hidden]")
+            errors = page.evaluate("window.avatarViewer.errors")
+            probe = context.new_page()
+            probe.goto(f"http://127.0.0.1:{other.server_address[1]}/index.html")
+            probe.wait_for_function("window.result.ws && window.result.fetch", timeout=30_000)
+            result = probe.evaluate("window.result")
+        finally:
+            context.close()
+            other.shutdown()
+    assert labels == ["neutral", "jaw open", "smile", "brows up"], labels
+    assert np.abs(moved - first).mean() > 1.0, "orbit and zoom left the frame unchanged"
+    assert np.abs(reset - first).max() <= 2, "reset view did not return to the first frame's pixels"
+    assert clamped[0] == pytest.approx(1.1) and clamped[1], f"zoom was not kept in the trained range: {clamped}"
+    assert free[0] > 1.1 and not free[1], f"leaving the trained range showed no warning: {free}"
+    assert not errors, errors
+    assert result == {"ws": "refused", "fetch": "refused"}, f"a page on another loopback port got in: {result}"

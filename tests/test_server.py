@@ -164,10 +164,13 @@ def test_unchanged_request_reuses_the_last_frame(tiny_avatar):
     worker = RenderWorker(tiny_avatar, sampler="ddim", steps=1)
     slot = Slot(0, lambda payload: None)
     camera = orbit_camera(10, size=128)
-    first = unpack_binary(worker.serve(slot, Request(1, np.ones(8, np.float32) / 2, camera, 1, "reference")))
-    again = unpack_binary(worker.serve(slot, Request(2, np.ones(8, np.float32) / 2, camera, 1, "reference")))
+    def serve(i, steps):
+        return unpack_binary(worker.serve(slot, Request(i, np.ones(8, np.float32) / 2, camera, steps,
+                                                        "reference")).result())
+
+    first, again = serve(1, 1), serve(2, 1)
     assert not first[0]["cached"] and again[0]["cached"] and again[0]["render_ms"] == 0 and first[1] == again[1]
-    other = unpack_binary(worker.serve(slot, Request(3, np.ones(8, np.float32) / 2, camera, 2, "reference")))
+    other = serve(3, 2)
     assert not other[0]["cached"] and other[1] != first[1]
 
 

@@ -24,7 +24,7 @@ class Driver:
         tracker: a `Tracker` (default: a video-mode one with smoothing); closed by `close()`.
         follow_pose: turn the camera with the head (False: a fixed camera, expression only).
         centre: the head centre the camera orbits (world metres).
-    Counters: `frames` seen, `tracked` with a face.
+    Counters: `frames` seen, `tracked` with a face; `pose` the last tracked `HeadPose` (None before a face).
     """
 
     def __init__(self, expression_map: ExpressionMap, camera: Camera, tracker: Tracker | None = None,
@@ -32,6 +32,7 @@ class Driver:
         self.map, self.camera, self.follow_pose, self.centre = expression_map, camera, follow_pose, centre
         self.tracker = tracker if tracker is not None else Tracker()
         self.frames = self.tracked = 0
+        self.pose = None
         self._last = Frame(camera, torch.from_numpy(expression_map.neutral_code()))
 
     def __call__(self, rgb: np.ndarray, timestamp: float | None = None) -> Frame:
@@ -40,6 +41,7 @@ class Driver:
         result = self.tracker.track(rgb, timestamp)
         if result is not None:
             self.tracked += 1
+            self.pose = result.pose
             camera = camera_from_pose(result.pose, self.camera, self.centre) if self.follow_pose else self.camera
             self._last = Frame(camera, torch.from_numpy(self.map(result)))
         return self._last

@@ -41,7 +41,9 @@ one error, then its extra messages are dropped.
 Server -> client
 ----------------
     text   {"type": "info", "protocol": 1, "avatar": .., "image_size": .., "expression_dim": E,
-            "expression_names": [..] | null, "corners": [[E floats] x 4], "camera": {orbit defaults},
+            "expression_names": [..] | null, "corners": [[E floats] x 4], "corner_labels": [4 strings],
+            "camera": {orbit defaults}, "view_range": {"yaw", "pitch", "distance": [low, high]} | null
+                                                 (the orbit range the avatar was trained on),
             "steps": .., "max_steps": .., "backends": [..], "backend": .., "sampler": ..,
             "max_message_bytes": .., "tracking": null | "why it is unavailable"}      (sent once, on connect)
     text   {"type": "error", "message": "what was wrong and how to fix it", "id": <the request's id or null>}
@@ -133,6 +135,7 @@ class Request:
     backend: str
     jpeg: bytes | None = None
     capture_time: float | None = None
+    tracked: bool | None = None  # a code the server tracked from a webcam image: whether a face was found
     received: float = field(default_factory=time.perf_counter)
 
 
@@ -386,3 +389,11 @@ def error_message(message: str, request_id=None) -> str:
 
 def frame_message(header: dict, jpeg: bytes) -> bytes:
     return pack_binary({"type": "frame", **header}, jpeg)
+
+
+def tracked_message(request_id, capture_time: float | None, face: bool, head, code, fps: float) -> str:
+    """The reply to a tracked webcam image; `head` = (yaw, pitch, roll) degrees or None."""
+    return json.dumps({"type": "tracked", "id": request_id, "time": capture_time, "face": face,
+                       "head": None if head is None else dict(zip(("yaw", "pitch", "roll"),
+                                                                  (round(v, 3) for v in head))),
+                       "code": [round(float(v), 5) for v in code], "fps": round(fps, 2)})

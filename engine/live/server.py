@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-clients", type=positive_int, default=SessionLimits.max_clients,
                         help=f"most open connections (default: {SessionLimits.max_clients})")
+    limits.add_argument("--max-trackers", type=positive_int, default=4,
+                        help="most webcam clients tracked at once; one face tracker each (default: 4)")
     limits.add_argument("--max-message-rate", type=positive_int, default=int(SessionLimits.message_rate),
                         help="messages a second one client may send; beyond it they are dropped (default: "
                         f"{int(SessionLimits.message_rate)})")
@@ -74,7 +76,7 @@ def build_worker(args) -> RenderWorker:
                         max_steps=args.max_steps,
                         backends=backends, seed=args.seed,
                         dtype=args.dtype, raster_backend=args.raster, max_message_bytes=args.max_message_bytes,
-                        expression_map=args.map)
+                        expression_map=args.map, max_trackers=args.max_trackers)
 
 
 def access_policy(args) -> AccessPolicy:

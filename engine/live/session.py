@@ -70,10 +70,11 @@ class Outbox:
         self._items: deque[bytes | str] = deque()
         self._ready = asyncio.Event()
 
-    def put(self, payload: bytes | str) -> None:
+    def put(self, payload: bytes | str, keep: bool = False) -> None:
+        """Queue `payload`: a frame replaces a waiting frame; a text is dropped beyond 32 waiting unless `keep`."""
         if isinstance(payload, bytes):
             self._items = deque(p for p in self._items if not isinstance(p, bytes))
-        elif len(self._items) >= MAX_QUEUED_ERRORS:
+        elif len(self._items) >= MAX_QUEUED_ERRORS and not keep:
             return
         self._items.append(payload)
         self._ready.set()
@@ -153,7 +154,8 @@ async def _serve(websocket, worker: RenderWorker, limits: SessionLimits) -> None
             if delay > 0:
                 if not warned:
                     outbox.put(error_message(f"too many messages: more than {limits.message_rate:g} a second; the "
-                                             "extra ones are dropped (send one per input event or animation frame)"))
+                                             "extra ones are dropped (send one per input event or animation frame)"),
+                               keep=True)
                     warned = True
                 await asyncio.sleep(delay)  # this client's socket is not read meanwhile: TCP holds its flood
                 continue
@@ -167,6 +169,7 @@ async def _serve(websocket, worker: RenderWorker, limits: SessionLimits) -> None
             except Exception as e:  # a parser bug must cost one message, not the connection
                 log.exception("could not parse a message")
                 outbox.put(error_message(f"internal error reading the message: {type(e).__name__}: {e}"))
+            await asyncio.sleep(0)  # the other clients' turn on the loop, even while this one's messages queue
     except (WebSocketDisconnect, RuntimeError, OSError):
         pass  # the client vanished (mid-message or not): its slot goes, the server stays
     finally:

@@ -105,6 +105,12 @@ class Tracker(FaceMeasure):
         self._frames += 1
         return float(timestamp) if timestamp is not None else (self._frames - 1) / self.fps
 
+    def reset(self) -> None:
+        """Forget the face: the neutral, the smoothing and the frame count, for a new stream. MediaPipe's graph is
+        kept (restarting it costs memory and log lines): it finds the next stream's face on its own."""
+        super().reset()
+        self._frames = 0
+
     def close(self) -> None:
         """Release MediaPipe's graph (idempotent)."""
         if self._mesh is not None:

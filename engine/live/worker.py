@@ -3,8 +3,9 @@
 Each client owns a `Slot` that holds only its newest request: a request that arrives before the previous one
 was served replaces it (counted in `dropped`), so a fast sender never builds a queue. The thread serves the
 slots in turn (round robin), so no client starves, and a request whose code, camera, steps and backend equal
-the client's previous frame reuses that frame's JPEG instead of rendering again. Webcam images are tracked
-here too (per-client tracker state), after stale ones were dropped.
+the client's previous frame reuses that frame's JPEG instead of rendering again. Frames are JPEG-encoded on
+an encoder thread, so the render thread goes on to the next client meanwhile. Webcam images are tracked on
+their own thread (`engine.live.webcam`), which hands each tracked code to this worker as a render request.
 
 The worker knows nothing of sockets: a slot delivers each result (a binary frame message or a JSON error text,
 see `engine.live.protocol`) to a callback, which the server forwards to its WebSocket.
@@ -18,6 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,23 +28,25 @@ from ..errors import AvatarError, ConfigError
 from .protocol import (
     ORBIT_DEFAULTS,
     PROTOCOL_VERSION,
-    ProtocolError,
     Request,
     StreamSpec,
     camera_key,
     error_message,
     frame_message,
+    tracked_message,
 )
+from .webcam import WebcamTracker, tracking_status
 
 log = logging.getLogger(__name__)
-MAX_WEBCAM_PIXELS = 4096 * 4096
 # Named pad corners for ARKit-coded avatars: neutral, jaw open, smile, brows up.
 NAMED_CORNERS = ({}, {"jawOpen": 1.0}, {"mouthSmileLeft": 1.0, "mouthSmileRight": 1.0},
                  {"browInnerUp": 1.0, "eyeBlinkLeft": 0.6, "eyeBlinkRight": 0.6})
+NAMED_CORNER_LABELS = ("neutral", "jaw open", "smile", "brows up")
 
 
-def default_corners(config, seed: int = 0) -> np.ndarray:
-    """The expression pad's four corner codes [4, E] float32: neutral first, then three expressions.
+def default_corners(config, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """The expression pad's four corner codes [4, E] float32 (neutral first, then three expressions) and their
+    labels.
 
     ARKit-named codes (the `tiny` rig) get jaw open, smile and brows up; other codes (e.g. NPHM's 206) get
     neutral plus three seeded random codes of the amplitude `engine.sequence.orbit` sweeps through.
@@ -54,12 +58,22 @@ def default_corners(config, seed: int = 0) -> np.ndarray:
             for name, v in values.items():
                 if name in names:
                     row[names.index(name)] = v
-    elif names:
+        return corners, list(NAMED_CORNER_LABELS)
+    if names:
         for i in range(1, 4):
             corners[i, (i - 1) % dim] = 1.0
-    else:
-        corners[1:] = np.random.default_rng(seed).normal(0.0, 0.5, size=(3, dim))
-    return corners
+        return corners, ["neutral"] + [names[(i - 1) % dim] for i in range(1, 4)]
+    corners[1:] = np.random.default_rng(seed).normal(0.0, 0.5, size=(3, dim))
+    return corners, ["neutral", "random A", "random B", "random C"]
+
+
+def view_range(config) -> dict | None:
+    """The orbit range the avatar was trained on ({"yaw", "pitch", "distance"}: [low, high], `engine.orbit`'s
+    angles), which the page keeps its camera in by default; None when the avatar records none."""
+    seen = config.trained_on
+    if seen is None:
+        return None
+    return {"yaw": list(seen.azimuth_deg), "pitch": list(seen.elevation_deg), "distance": list(seen.distance)}
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
@@ -71,68 +85,9 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def decode_jpeg(data: bytes) -> np.ndarray:
-    """JPEG bytes -> [H, W, 3] uint8 RGB; a corrupt or huge image is a ProtocolError."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_WEBCAM_PIXELS:
-                raise ProtocolError(f"webcam image of {image.width}x{image.height} pixels is too large; send at "
-                                    "most 4096x4096 (640x480 is plenty for tracking)")
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ProtocolError(f"the webcam image could not be decoded as a JPEG ({e})") from None
-
-
-class Tracking:
-    """A client's webcam driver (`engine.live.driver.Driver`: tracker, expression map, head pose -> camera), built
-    when its first webcam image arrives; anything missing is reported as "tracking unavailable: ..."."""
-
-    def __init__(self, config, map_path: str | None = None):
-        reason = tracking_status()
-        if reason is not None:
-            raise ProtocolError(reason)
-        from ..orbit import orbit_camera
-        from .driver import Driver
-        from .expression_map import ExpressionMap
-
-        try:
-            self.driver = Driver(ExpressionMap.for_avatar(config, map_path), orbit_camera(size=config.image_size))
-        except AvatarError as e:
-            raise ProtocolError(f"tracking unavailable: {e}") from None
-
-    def __call__(self, rgb: np.ndarray, base_camera) -> tuple[np.ndarray, object, bool]:
-        """[H, W, 3] uint8 -> (code [E] float32, camera, whether a face was found). Without a face the last
-        tracked code and camera (at first the neutral code) are kept."""
-        self.driver.camera = base_camera
-        before = self.driver.tracked
-        frame = self.driver(rgb)
-        return frame.expression.numpy(), frame.camera, self.driver.tracked > before
-
-    def close(self) -> None:
-        self.driver.close()
-
-
-def tracking_status() -> str | None:
-    """None when the webcam path can run, else why not (the `info` message's "tracking")."""
-    import importlib.util
-
-    for module, fix in (("engine.live.tracking", "it is not in this build"),
-                        ("engine.live.expression_map", "it is not in this build"),
-                        ("engine.live.driver", "it is not in this build"),
-                        ("mediapipe", "install the live extra: pip install -e '.[live]'")):
-        try:
-            if importlib.util.find_spec(module) is None:
-                return f"tracking unavailable: {module} is missing ({fix}); push codes as render messages instead"
-        except (ImportError, ValueError) as e:
-            return f"tracking unavailable: {module} cannot be imported ({e})"
-    return None
-
-
 @dataclass
 class Slot:
-    """One client's state: its newest unserved request, last frame, tracker and statistics."""
+    """One client's state: its newest unserved request, last frame and statistics."""
 
     id: int
     deliver: Callable[[bytes | str], None]
@@ -140,7 +95,6 @@ class Slot:
     closed: bool = False
     last_key: tuple | None = None
     last_jpeg: bytes | None = None
-    tracking: Tracking | None = None
     frames: int = 0
     dropped: int = 0
     fps: float = 0.0
@@ -171,12 +125,13 @@ class RenderWorker:
         expression_map: an `ExpressionMap` file (`avatar fit-driver`) for webcam driving of avatars whose code
             the tracker cannot name (default: by name, for ARKit-coded avatars such as `tiny`).
         max_message_bytes: the largest message accepted (default `protocol.MAX_MESSAGE_BYTES`).
+        max_trackers: webcam clients tracked at once (one pooled face tracker each).
     """
 
     def __init__(self, avatar, device: str = "cpu", sampler: str = "ddim", steps: int = 2, max_steps: int = 50,
                  backends: tuple[str, ...] = ("reference",), seed: int | None = None, dtype=None,
                  raster_backend: str = "torch", max_renderers: int = 4, jpeg_quality: int = 90,
-                 max_message_bytes: int | None = None, expression_map: str | None = None):
+                 max_message_bytes: int | None = None, expression_map: str | None = None, max_trackers: int = 4):
         from ..backends import backend_class
 
         if not backends:
@@ -193,15 +148,15 @@ class RenderWorker:
         self._renderer_args = dict(device=device, sampler=sampler, seed=seed, dtype=dtype,
                                    raster_backend=raster_backend)
         self.sampler, self.max_renderers, self.jpeg_quality = sampler, max_renderers, jpeg_quality
-        self.expression_map = expression_map
-        self.corners = default_corners(self.config)
+        self.corners, self.corner_labels = default_corners(self.config)
+        self.webcam = WebcamTracker(self.config, self._tracked, max_trackers, expression_map)
         self._renderers: OrderedDict[tuple[str, int], object] = OrderedDict()
         self._slots: dict[int, Slot] = {}
         self._next_id, self._turn = 0, 0
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._retired: list[Tracking] = []  # closed clients' trackers, closed by the worker thread
+        self._encoder: ThreadPoolExecutor | None = None
 
     # -- facts ---------------------------------------------------------------------------------------------
     def info(self) -> dict:
@@ -210,22 +165,26 @@ class RenderWorker:
         return {"type": "info", "protocol": PROTOCOL_VERSION, "avatar": self.config.name,
                 "image_size": s.image_size, "expression_dim": s.expression_dim,
                 "expression_names": list(s.expression_names) if s.expression_names else None,
-                "corners": self.corners.tolist(), "camera": dict(ORBIT_DEFAULTS), "steps": s.steps,
+                "corners": self.corners.tolist(), "corner_labels": self.corner_labels,
+                "camera": dict(ORBIT_DEFAULTS), "view_range": view_range(self.config), "steps": s.steps,
                 "max_steps": s.max_steps, "backends": list(s.backends), "backend": s.backend,
                 "sampler": self.sampler, "max_message_bytes": s.max_message_bytes, "tracking": tracking_status()}
 
     def stats(self) -> list[dict]:
         """Per client: frames delivered, requests dropped, fps and latency (moving averages)."""
         with self._cond:
-            return [{"client": s.id, "frames": s.frames, "dropped": s.dropped, "fps": round(s.fps, 2),
-                     "latency_ms": round(s.latency_ms, 2)} for s in self._slots.values()]
+            slots = list(self._slots.values())
+        return [{"client": s.id, "frames": s.frames, "dropped": s.dropped, "fps": round(s.fps, 2),
+                 "latency_ms": round(s.latency_ms, 2), **(self.webcam.stats(s.id) or {})} for s in slots]
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def start(self) -> "RenderWorker":
         if self._thread is None:
             self._stopping = False
+            self._encoder = ThreadPoolExecutor(1, thread_name_prefix="jpeg-encoder")  # one: frames stay in order
             self._thread = threading.Thread(target=self._loop, name="render-worker", daemon=True)
             self._thread.start()
+            self.webcam.start()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -235,13 +194,10 @@ class RenderWorker:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        with self._cond:
-            trackers = self._retired + [s.tracking for s in self._slots.values() if s.tracking is not None]
-            self._retired = []
-            for slot in self._slots.values():
-                slot.tracking = None
-        for tracking in trackers:
-            tracking.close()
+        if self._encoder is not None:
+            self._encoder.shutdown(wait=True)
+            self._encoder = None
+        self.webcam.stop(timeout)
 
     def open_slot(self, deliver: Callable[[bytes | str], None]) -> Slot:
         with self._cond:
@@ -253,14 +209,16 @@ class RenderWorker:
     def close_slot(self, slot: Slot) -> None:
         with self._cond:
             slot.closed, slot.pending = True, None
-            if slot.tracking is not None:
-                self._retired.append(slot.tracking)
-                slot.tracking = None
-                self._cond.notify()
             self._slots.pop(slot.id, None)
+        self.webcam.close(slot.id)
 
     def submit(self, slot: Slot, request: Request) -> None:
-        """Make `request` the slot's pending one (replacing, and dropping, an unserved older one)."""
+        """Make `request` the slot's pending one (replacing, and dropping, an unserved older one); a webcam image
+        goes to the tracking thread first."""
+        if request.jpeg is not None:
+            if not slot.closed:
+                self.webcam.submit(slot.id, slot.deliver, request)
+            return
         with self._cond:
             if slot.closed:
                 return
@@ -281,36 +239,31 @@ class RenderWorker:
                 return slot, request
         return None
 
+    def _tracked(self, webcam_slot, request: Request, code, camera, found: bool, head) -> None:
+        """The tracking thread's result for one image: a `tracked` reply now, a render of it in its turn."""
+        with self._cond:
+            slot = self._slots.get(webcam_slot.id)
+        if slot is None:
+            return
+        _deliver(slot, tracked_message(request.id, request.capture_time, found, head, code, webcam_slot.fps))
+        self.submit(slot, Request(request.id, code, camera, request.steps, request.backend,
+                                  received=request.received, tracked=found))
+
     def _loop(self) -> None:
         while True:
             with self._cond:
                 job = None
-                while not self._stopping and not self._retired and (job := self._take()) is None:
+                while not self._stopping and (job := self._take()) is None:
                     self._cond.wait()
-                retired, self._retired = self._retired, []
-            for tracking in retired:  # here, never while the tracker is in use
-                tracking.close()
             if self._stopping:
                 return
-            if job is None:
-                continue
             slot, request = job
             try:
-                payload = self.serve(slot, request)
-            except AvatarError as e:
-                payload = error_message(str(e), request.id)
+                frame = self.serve(slot, request)
             except Exception as e:  # the one worker must outlive any single bad request
-                log.exception("render worker: request %r failed", request.id)
-                payload = error_message(f"internal error: {type(e).__name__}: {e}", request.id)
-            with self._cond:
-                if slot.closed and slot.tracking is not None:  # the client left while its tracker was made
-                    self._retired.append(slot.tracking)
-                    slot.tracking = None
-            if not slot.closed:
-                try:
-                    slot.deliver(payload)
-                except Exception:  # a client gone mid-delivery is that client's problem only
-                    log.debug("render worker: delivery to client %d failed", slot.id, exc_info=True)
+                frame = Future()
+                frame.set_exception(e)
+            frame.add_done_callback(lambda f, slot=slot, request=request: _deliver_frame(slot, request, f))
 
     def renderer(self, steps: int, backend: str):
         """The renderer for (backend, steps), built on first use and kept (least recently used evicted)."""
@@ -326,26 +279,53 @@ class RenderWorker:
             self._renderers.popitem(last=False)
         return renderer
 
-    def serve(self, slot: Slot, request: Request) -> bytes:
-        """Render (or reuse) one request's frame -> a binary frame message. Runs on the worker thread."""
-        extra = {}
+    def serve(self, slot: Slot, request: Request) -> Future:
+        """Render (or reuse) one request's frame -> a Future of its binary frame message, finished by the encoder
+        thread (the last-frame cache is read there too: it runs jobs in order). Runs on the worker thread."""
         code, camera = request.code, request.camera
-        if request.jpeg is not None:
-            rgb = decode_jpeg(request.jpeg)
-            if slot.tracking is None:
-                slot.tracking = Tracking(self.config, self.expression_map)
-            code, camera, extra["tracked"] = slot.tracking(rgb, request.camera)
         key = (code.tobytes(), camera_key(camera), request.steps, request.backend)
-        render_ms, cached = 0.0, key == slot.last_key
-        if not cached:
+        image, render_ms = None, 0.0
+        if key != slot.last_key:
             t0 = time.perf_counter()
             image = self.renderer(request.steps, request.backend).render(camera, code)
             render_ms = 1e3 * (time.perf_counter() - t0)
-            slot.last_key, slot.last_jpeg = key, encode_jpeg(image, self.jpeg_quality)
+            slot.last_key = key
+        if self._encoder is not None:
+            return self._encoder.submit(self._finish, slot, request, image, render_ms)
+        done = Future()  # serve() without start() (tests, one-off use): encoded here
+        done.set_result(self._finish(slot, request, image, render_ms))
+        return done
+
+    def _finish(self, slot: Slot, request: Request, image: np.ndarray | None, render_ms: float) -> bytes:
+        """On the encoder thread: JPEG-encode a rendered image (None: reuse the slot's last JPEG), frame it."""
+        if image is not None:
+            slot.last_jpeg = encode_jpeg(image, self.jpeg_quality)
         now = time.perf_counter()
         slot.record(now, now - request.received)
+        camera = request.camera
+        extra = {} if request.tracked is None else {"tracked": request.tracked}
         header = {"id": request.id, "width": camera.width, "height": camera.height,
-                  "code": [round(float(v), 5) for v in code], "cached": cached, "render_ms": round(render_ms, 2),
-                  "latency_ms": round(1e3 * (now - request.received), 2), "fps": round(slot.fps, 2),
-                  "dropped": slot.dropped, **extra}
+                  "code": [round(float(v), 5) for v in request.code], "cached": image is None,
+                  "render_ms": round(render_ms, 2), "latency_ms": round(1e3 * (now - request.received), 2),
+                  "fps": round(slot.fps, 2), "dropped": slot.dropped, **extra}
         return frame_message(header, slot.last_jpeg)
+
+
+def _deliver_frame(slot: Slot, request: Request, frame: Future) -> None:
+    """A finished frame (or why it failed) to its client."""
+    error = frame.exception()
+    if error is None:
+        _deliver(slot, frame.result())
+    elif isinstance(error, AvatarError):
+        _deliver(slot, error_message(str(error), request.id))
+    else:
+        log.error("render worker: request %r failed", request.id, exc_info=error)
+        _deliver(slot, error_message(f"internal error: {type(error).__name__}: {error}", request.id))
+
+
+def _deliver(slot: Slot, payload: bytes | str) -> None:
+    if not slot.closed:
+        try:
+            slot.deliver(payload)
+        except Exception:  # a client gone mid-delivery is that client's problem only
+            log.debug("render worker: delivery to client %d failed", slot.id, exc_info=True)

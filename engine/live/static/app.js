@@ -6,19 +6,24 @@
 const $ = (id) => document.getElementById(id);
 const STEP_CHOICES = [1, 2, 3, 4, 6, 8, 10, 15, 20, 30, 40, 50];
 const WEBCAM_WIDTH = 320;
+const WEBCAM_FPS = 15;                 // images sent a second at most; the server tracks each it can
+const WEBCAM_IN_FLIGHT = 3;            // images sent but not yet answered by a "tracked" reply
 const TOKEN = new URLSearchParams(location.search).get("token");   // where the server requires one
 
 const state = {
   info: null, ws: null, nextId: 1,
   sent: new Map(),           // request id -> {t: performance.now() of the input event, kind}
-  pad: { u: 0.5, v: 0.5 }, corners: [], selected: 0,
+  pad: { u: 0, v: 0 }, corners: [], selected: 0,       // the first view: the neutral corner
   camera: { yaw: 0, pitch: 0, distance: 1, fov: 16 },
-  webcam: { on: false, stream: null, inFlight: 0, lastSent: 0, canvas: document.createElement("canvas") },
+  clamp: true,               // keep the orbit inside the avatar's trained views (info.view_range)
+  frameQueued: false, frameT: null,
+  webcam: { on: false, stream: null, inFlight: 0, lastSent: 0, canvas: document.createElement("canvas"),
+            tracked: 0, fps: 0, lastTrackedAt: 0 },
   display: null,             // the frame being loaded into the <img>: {id, url, t}
   fps: 0, lastFrameAt: 0, latency: 0,
 };
 // Read by tests and handy in the console: every frame shown, with its input-to-load latency.
-window.avatarViewer = { state, frames: 0, latencies: [], errors: [] };
+window.avatarViewer = { state, frames: 0, latencies: [], errors: [], tracks: [] };
 
 // -- socket ------------------------------------------------------------------------------------------------
 function connect() {
@@ -64,6 +69,7 @@ function pack(header, payload) {
 
 function onText(message) {
   if (message.type === "info") return setup(message);
+  if (message.type === "tracked") return onTracked(message);
   if (message.type === "error") {
     window.avatarViewer.errors.push(message.message);
     $("error").textContent = message.message;
@@ -71,9 +77,26 @@ function onText(message) {
     state.sent.delete(message.id);
     if (sent && sent.kind === "video_frame") {
       state.webcam.inFlight = Math.max(0, state.webcam.inFlight - 1);
-      if (/tracking unavailable/.test(message.message)) setWebcam(false);
+      if (/tracking unavailable|face trackers are in use/.test(message.message)) setWebcam(false);
     }
   }
+}
+
+function onTracked(message) {
+  const cam = state.webcam;
+  cam.inFlight = Math.max(0, cam.inFlight - 1);
+  if (!cam.on) return;
+  const now = performance.now();
+  if (cam.lastTrackedAt) {
+    const rate = 1000 / Math.max(1, now - cam.lastTrackedAt);
+    cam.fps = cam.fps ? 0.8 * cam.fps + 0.2 * rate : rate;
+  }
+  cam.lastTrackedAt = now;
+  cam.tracked += 1;
+  window.avatarViewer.tracks.push({ time: message.time, face: message.face, head: message.head });
+  if (window.avatarViewer.tracks.length > 1000) window.avatarViewer.tracks.shift();
+  $("tracked").textContent = message.face ? "face" : "no face";
+  $("tracking-fps").textContent = `${cam.fps.toFixed(1)} fps`;
 }
 
 function onFrame(buffer) {
@@ -111,7 +134,6 @@ function onImageLoad() {
   $("latency").textContent = `${state.latency.toFixed(0)} ms (server ${h.latency_ms.toFixed(0)} ms)`;
   $("render-ms").textContent = h.cached ? "cached" : `${h.render_ms.toFixed(0)} ms`;
   $("dropped").textContent = String(h.dropped);
-  if ("tracked" in h) $("tracked").textContent = h.tracked ? "face" : "no face";
   if (!h.cached) $("error").textContent = "";
 }
 
@@ -123,6 +145,8 @@ function setup(info) {
   if (first) {
     state.corners = info.corners.map((c) => c.slice());
     Object.assign(state.camera, info.camera);
+    document.querySelectorAll(".corner").forEach((b) => { b.textContent = info.corner_labels[+b.dataset.corner]; });
+    $("clamp-label").hidden = !info.view_range;
     fillSelect($("steps"), STEP_CHOICES.filter((s) => s <= info.max_steps).concat([info.steps])
       .filter((s, i, a) => a.indexOf(s) === i).sort((a, b) => a - b), info.steps);
     fillSelect($("backend"), info.backends, info.backend);
@@ -159,10 +183,20 @@ function padEvent(event) {
   requestFrame(event.timeStamp);                         // latency counts from the input event itself
 }
 
+// One render request per animation frame at most (the server's rate limit counts messages), carrying the
+// time of the first input event it answers.
 function requestFrame(t) {
   if (state.webcam.on || !state.info) return;            // the webcam drives the code while it is on
-  send({ type: "render", code: blend(state.pad.u, state.pad.v).map((x) => +x.toFixed(5)),
-         camera: { ...state.camera }, steps: +$("steps").value, backend: $("backend").value }, t);
+  if (state.frameT === null) state.frameT = t ?? performance.now();
+  if (state.frameQueued) return;
+  state.frameQueued = true;
+  requestAnimationFrame(() => {
+    const t0 = state.frameT;
+    state.frameQueued = false; state.frameT = null;
+    if (state.webcam.on) return;
+    send({ type: "render", code: blend(state.pad.u, state.pad.v).map((x) => +x.toFixed(5)),
+           camera: { ...state.camera }, steps: +$("steps").value, backend: $("backend").value }, t0);
+  });
 }
 
 function buildCornerEditor() {
@@ -190,7 +224,7 @@ function buildCornerEditor() {
 
 function selectCorner(k) {
   state.selected = k;
-  $("corner-label").textContent = String(k + 1);
+  $("corner-label").textContent = state.info ? state.info.corner_labels[k] : String(k + 1);
   document.querySelectorAll(".corner").forEach((b) => b.classList.toggle("selected", +b.dataset.corner === k));
   const code = state.corners[k];
   $("sliders").querySelectorAll("input").forEach((input) => {
@@ -203,18 +237,41 @@ function selectCorner(k) {
 // -- camera orbit and zoom ---------------------------------------------------------------------------------
 let orbitFrom = null;
 function orbitStart(event) { orbitFrom = { x: event.clientX, y: event.clientY }; event.target.setPointerCapture(event.pointerId); }
+const clampTo = (x, [lo, hi]) => Math.min(hi, Math.max(lo, x));
+// The orbit the protocol accepts, narrowed to the avatar's trained views while "stay in the trained views" is on.
+function limits() {
+  const range = state.clamp && state.info && state.info.view_range;
+  return { yaw: range ? range.yaw : [-180, 180], pitch: range ? range.pitch : [-80, 80],
+           distance: range ? range.distance : [0.3, 1.8] };
+}
+function outsideTrained() {
+  const range = state.info && state.info.view_range, cam = state.camera, eps = 1e-6;
+  if (!range) return false;
+  return ["yaw", "pitch", "distance"].some((k) => cam[k] < range[k][0] - eps || cam[k] > range[k][1] + eps);
+}
+function placeCamera(yaw, pitch, distance) {
+  const lim = limits(), cam = state.camera;
+  cam.yaw = clampTo(yaw, lim.yaw);
+  cam.pitch = clampTo(pitch, lim.pitch);
+  cam.distance = clampTo(distance, lim.distance);
+  $("range-warning").hidden = !outsideTrained();
+  requestFrame(performance.now());
+}
 function orbitMove(event) {
   if (!orbitFrom) return;
-  const cam = state.camera;
-  cam.yaw = ((cam.yaw - 0.4 * (event.clientX - orbitFrom.x) + 540) % 360) - 180;
-  cam.pitch = Math.min(80, Math.max(-80, cam.pitch + 0.4 * (event.clientY - orbitFrom.y)));
+  const dx = event.clientX - orbitFrom.x, dy = event.clientY - orbitFrom.y, cam = state.camera;
   orbitFrom = { x: event.clientX, y: event.clientY };
-  requestFrame(performance.now());
+  let yaw = cam.yaw - 0.4 * dx;
+  if (!(state.clamp && state.info.view_range)) yaw = ((yaw + 540) % 360) - 180;  // all the way round
+  placeCamera(yaw, cam.pitch + 0.4 * dy, cam.distance);
 }
 function zoom(event) {
   event.preventDefault();
-  state.camera.distance = Math.min(1.8, Math.max(0.3, state.camera.distance * Math.exp(0.001 * event.deltaY)));
-  requestFrame(performance.now());
+  placeCamera(state.camera.yaw, state.camera.pitch, state.camera.distance * Math.exp(0.001 * event.deltaY));
+}
+function resetView() {
+  Object.assign(state.camera, state.info.camera);
+  placeCamera(state.camera.yaw, state.camera.pitch, state.camera.distance);
 }
 
 // -- webcam ------------------------------------------------------------------------------------------------
@@ -223,10 +280,15 @@ async function setWebcam(on) {
   if (on === cam.on) return;
   $("webcam").setAttribute("aria-pressed", String(on));
   $("webcam").textContent = `webcam: ${on ? "on" : "off"}`;
+  $("pad").classList.toggle("driven", on);
+  $("pad-driven").hidden = !on;
   cam.on = on;
   if (!on) {
     if (cam.stream) cam.stream.getTracks().forEach((t) => t.stop());
     cam.stream = null;
+    $("camera-video").hidden = true;
+    $("tracked").textContent = "–"; $("tracking-fps").textContent = "–";
+    cam.fps = 0; cam.lastTrackedAt = 0;
     requestFrame();
     return;
   }
@@ -235,6 +297,7 @@ async function setWebcam(on) {
     const video = $("camera-video");
     video.srcObject = cam.stream;
     await video.play();
+    video.hidden = false;                                // the mirrored preview (style.css)
     cam.inFlight = 0;
     pumpWebcam();
   } catch (e) {
@@ -243,13 +306,15 @@ async function setWebcam(on) {
   }
 }
 
-// Send the newest camera image whenever the previous one was answered (or after a 1 s watchdog).
+// Send the newest camera image with its capture time, up to WEBCAM_FPS a second and WEBCAM_IN_FLIGHT unanswered
+// (a 1 s watchdog forgets lost answers): tracking runs at the camera's pace, not at the render rate.
 function pumpWebcam() {
   const cam = state.webcam;
   if (!cam.on) return;
   const video = $("camera-video");
   const now = performance.now();
-  if (video.videoWidth && (cam.inFlight === 0 || now - cam.lastSent > 1000)) {
+  if (now - cam.lastSent > 1000) cam.inFlight = 0;
+  if (video.videoWidth && cam.inFlight < WEBCAM_IN_FLIGHT && now - cam.lastSent >= 1000 / WEBCAM_FPS - 4) {
     const scale = WEBCAM_WIDTH / video.videoWidth;
     cam.canvas.width = WEBCAM_WIDTH;
     cam.canvas.height = Math.round(video.videoHeight * scale);
@@ -259,7 +324,7 @@ function pumpWebcam() {
     cam.canvas.toBlob(async (blob) => {
       if (!blob || !cam.on) { cam.inFlight = Math.max(0, cam.inFlight - 1); return; }
       const jpeg = await blob.arrayBuffer();
-      if (send({ type: "video_frame", jpeg, camera: { ...state.camera }, steps: +$("steps").value,
+      if (send({ type: "video_frame", jpeg, time: now / 1000, camera: { ...state.camera }, steps: +$("steps").value,
                  backend: $("backend").value }, now) === null) cam.inFlight = Math.max(0, cam.inFlight - 1);
     }, "image/jpeg", 0.85);
   }
@@ -271,7 +336,7 @@ function wire() {
   const pad = $("pad");
   let padDown = false;
   pad.addEventListener("pointerdown", (e) => {
-    if (e.target.classList.contains("corner")) return;
+    if (e.target.classList.contains("corner") || state.webcam.on) return;
     padDown = true; pad.setPointerCapture(e.pointerId); padEvent(e);
   });
   pad.addEventListener("pointermove", (e) => { if (padDown) padEvent(e); });
@@ -301,6 +366,11 @@ function wire() {
   $("steps").addEventListener("change", () => requestFrame(performance.now()));
   $("backend").addEventListener("change", () => requestFrame(performance.now()));
   $("webcam").addEventListener("click", () => setWebcam(!state.webcam.on));
+  $("reset-view").addEventListener("click", resetView);
+  $("clamp").addEventListener("change", () => {
+    state.clamp = $("clamp").checked;
+    placeCamera(state.camera.yaw, state.camera.pitch, state.camera.distance);
+  });
 }
 
 wire();
