@@ -302,7 +302,8 @@ def test_page_controls_and_foreign_pages(server, tmp_path):
             reset = _pixels(page)
             # the clamp, on a view range as an avatar with `trained_on` records it (tiny records none)
             page.evaluate("window.avatarViewer.state.info.view_range = "
-                          "{yaw: [-40, 40], pitch: [-18, 18], distance: [0.9, 1.1]}")
+                          "{yaw: [-40, 40], pitch: [-18, 18], distance: [0.9, 1.1]}; "
+                          "document.getElementById('clamp-label').hidden = false")
             page.mouse.move(cx, cy)
             page.mouse.wheel(0, 2000)
             page.wait_for_timeout(200)

@@ -4,13 +4,14 @@ uvicorn until interrupted."""
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from pathlib import Path
 
 from ..command_options import AVATAR_HELP, device, positive_int
 from ..devices import DEVICES
 from ..errors import InputError
-from .access import AccessPolicy
+from .access import WILDCARD_HOSTS, AccessPolicy
 from .app import create_app, host_warning, uvicorn_config
 from .protocol import MAX_MESSAGE_BYTES
 from .session import SessionLimits
@@ -101,6 +102,8 @@ def run(args) -> None:
     if warning:
         print(warning, file=sys.stderr)
     print(f"avatar serve: {worker.config.name} on {policy.page_url()} (Ctrl-C to stop)", flush=True)
+    if args.host in WILDCARD_HOSTS:  # other machines need a name of this one
+        print(f"  from other machines: {policy.page_url(socket.gethostname())}", flush=True)
     limits = SessionLimits(max_clients=args.max_clients, message_rate=float(args.max_message_rate),
                            burst=2 * args.max_message_rate)
     tls = (args.tls_cert, args.tls_key) if policy.tls else None
