@@ -299,7 +299,7 @@ def test_weights_beyond_the_range_of_the_dtype(work, tmp_path):
 # -- signals ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("signum, code, out", [(signal.SIGINT, 130, "frames"), (signal.SIGTERM, 143, "o.mp4")])
 def test_a_signal_mid_render_removes_the_temporaries(tmp_path, signum, code, out):
-    # long enough that the signal comes mid-render however fast the frames are (the numba rasteriser: a few ms each)
+    # long enough that the signal always comes mid-render
     seq = write_sequence(tmp_path / "seq.json", orbit(Avatar.from_preset("tiny").config, frames=3000))
     run = tmp_path / "run"
     run.mkdir()
@@ -308,7 +308,9 @@ def test_a_signal_mid_render_removes_the_temporaries(tmp_path, signum, code, out
         p = subprocess.Popen([sys.executable, "-m", "engine.cli", "render", "--avatar", "tiny", "--sequence", str(seq),
                               "--steps", "1", "--sampler", "ddim", "--out", str(run / out), "--sheet",
                               str(run / "sheet.png")], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             # a shell's background job inherits SIGINT ignored (then Python installs no handler)
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not re.search(r"\b[1-9]\d*/3000\b", err.read_text()):  # a frame is written: mid-render
