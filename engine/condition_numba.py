@@ -4,7 +4,7 @@ written straight into its output, in any memory layout (channels-last by default
 Why: the reference builds the image from whole-image tensors (normalised coordinates, four `grid_sample` lookups
 over every pixel including the background, `torch.where` per channel group, a concatenation, a permute and a copy):
 6-7 ms at the demo's 128 px on one core. Here one pass over the pixels writes each pixel's 73 values once, and
-only covered pixels look their features up: well under 1 ms (the issue-16 note).
+only covered pixels look their features up (its time: `benchmarks/results/demo-cpu-stages.md`, "condition").
 
 Values: the reference's formulas in float32 (min-max normalised coordinates, depth / depth_max * 2 - 1, bilinear
 wrap-addressed texels with centres at (i + 0.5) / R); the bilinear position is computed directly rather than through

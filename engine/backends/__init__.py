@@ -62,7 +62,7 @@ class ReferenceConditioner:
 
 def default_conditioner(device) -> str:
     """The conditioner for "auto": `numba` on the CPU where numba is installed (the reference's image up to float32
-    rounding of the texel positions, about 7x faster at the demo's 128 px: the issue-16 note), else `torch`."""
+    rounding of the texel positions; its time per frame: `benchmarks/results/demo-cpu-stages.md`), else `torch`."""
     if torch.device(device).type == "cpu" and importlib.util.find_spec("numba") is not None:
         return "numba"
     return "torch"
@@ -174,9 +174,9 @@ def backend_names() -> list[str]:
     return sorted(_BACKENDS)
 
 
-# The CPU frame backend where an export folder is at hand: ONNX Runtime ran the demo's DDIM-1 step (conditioning
-# embedding + denoiser) in 14-16 ms and its VAE decoder in 9-14 ms on this 2-core box, against 24 + 20 ms eager and
-# 19 + 21 ms under torch.compile (73-95 s to compile), at 1 and 2 threads alike (the issue-16 note).
+# The CPU frame backend where an export folder is at hand: in one bench run of the demo on 2 threads
+# (`benchmarks/results/demo-cpu-stages.md`), ONNX Runtime's step took 26 ms and its VAE decoder 28 ms against the
+# reference's 78 + 41 ms and the hoisted eager torch backend's (`compiled`) 177 ms frame against 96 ms at DDIM 2.
 CPU_FRAME_BACKEND = "onnxruntime"
 
 

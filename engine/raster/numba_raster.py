@@ -3,7 +3,7 @@
 Why: at the demo's 128 px the head's 17k triangles mostly cover a pixel or two, so the vectorised reference spends
 its 10-13 ms a frame gathering per-triangle values for ~50k candidate pixels, not on arithmetic. A loop over the
 faces tests each face's pixel-centre bounding box directly, and a loop over the covered pixels interpolates the
-winner's attributes: about 1.3-1.8 ms a frame on one core (the measurements: the issue-16 note). numba ships as
+winner's attributes (its time per frame: `benchmarks/results/demo-cpu-stages.md`, "rasterise"). numba ships as
 wheels (numba, llvmlite), so nothing needs a compiler at install time; the loops compile on first use (a few
 seconds) and numba caches them beside this file for later processes.
 
