@@ -13,13 +13,13 @@ from engine.recipe import Recipe
 from engine.renderer import Renderer
 from engine.sampling import FixedNoise, NoiseSchedule, make_sampler
 from engine.sequence import orbit
+from engine.training.decoder import recipe_latents
 from engine.training.student import (
     StudentConfig,
     StudentModule,
     check_structure,
     check_teacher,
     distill_student,
-    teacher_latents,
 )
 
 FAST = dict(teacher_recipe="ddim:3", frames=4, batch_size=2, lr=1e-3)
@@ -42,7 +42,7 @@ def test_the_loss_falls_on_fixed_teacher_targets(teacher):
     with Renderer(teacher, sampler="ddim", steps=1, backend="reference") as r:
         condition, tokens = r.frame_inputs([f.camera for f in frames], torch.stack([torch.as_tensor(f.expression)
                                                                                    for f in frames]))
-    target = teacher_latents(teacher, [_Frame(f, teacher) for f in frames], Recipe("ddim", 4), 2, "targets")
+    target = recipe_latents(teacher, [_Frame(f, teacher) for f in frames], Recipe("ddim", 4), 2, "targets")
     student = teacher  # a fresh load of the teacher: trained in place
     student.requires_grad_(False)
     for net in (student.controlnet, student.unet):
@@ -63,7 +63,7 @@ def test_the_loss_falls_on_fixed_teacher_targets(teacher):
 
 
 class _Frame:
-    """An orbit frame as teacher_latents reads it (camera, code, mesh)."""
+    """An orbit frame as recipe_latents reads it (camera, code, mesh)."""
 
     def __init__(self, frame, avatar):
         self.camera, self.code = frame.camera, torch.as_tensor(frame.expression, dtype=torch.float32)

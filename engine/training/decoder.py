@@ -88,22 +88,27 @@ def training_frames(avatar, frames: int, seed: int, data=None) -> list:
 
 
 @torch.no_grad()
-def make_bank(avatar, frames: list, recipes, want_vae: bool, batch_size: int = 8) -> dict:
-    """The tensors `distill_decoder` trains on (module docstring), on the CPU."""
+def recipe_latents(avatar, frames: list, recipe: Recipe, batch_size: int, desc: str) -> torch.Tensor:
+    """[N, c, h, w] float32 CPU: the final latents (`Renderer.latents`) `recipe` renders for each frame (camera,
+    code, mesh), through the reference backend, `batch_size` at a time."""
     from ..renderer import Renderer
 
+    parts = []
+    with Renderer(avatar, sampler=recipe.sampler, steps=recipe.steps, backend="reference", decoder="vae") as r:
+        for i in tqdm(range(0, len(frames), batch_size), desc=desc, unit="batch"):
+            part = frames[i:i + batch_size]
+            parts.append(r.latents([f.camera for f in part], torch.stack([f.code for f in part]),
+                                   [f.mesh for f in part]).cpu())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def make_bank(avatar, frames: list, recipes, want_vae: bool, batch_size: int = 8) -> dict:
+    """The tensors `distill_decoder` trains on (module docstring), on the CPU."""
     images = torch.stack([f.image for f in frames])  # [N, 3, H, W] in [0, 1]
     vae, scale = avatar.vae, avatar.config.vae.scaling_factor
     latents = [torch.cat([vae.encode(part * 2 - 1).latent_dist.mean * scale for part in images.split(batch_size)])]
-    for text in recipes:
-        recipe = parse_recipe(text)
-        with Renderer(avatar, sampler=recipe.sampler, steps=recipe.steps, backend="reference", decoder="vae") as r:
-            parts = []
-            for i in tqdm(range(0, len(frames), batch_size), desc=f"latents {text}", unit="batch"):
-                part = frames[i:i + batch_size]
-                parts.append(r.latents([f.camera for f in part], torch.stack([f.code for f in part]),
-                                       [f.mesh for f in part]).cpu())
-            latents.append(torch.cat(parts))
+    latents += [recipe_latents(avatar, frames, parse_recipe(text), batch_size, f"latents {text}") for text in recipes]
     bank = {"images": (images * 255).round().to(torch.uint8), "masks": torch.stack([f.mask for f in frames]),
             "latents": torch.stack(latents)}  # [1 + R, N, c, h, w]: encoder, then each recipe's
     if want_vae:

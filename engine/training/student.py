@@ -39,6 +39,7 @@ from ..files import atomic_path, write_atomic
 from ..init import tensor_seed
 from ..metrics import psnr, sharpness
 from ..recipe import Recipe, parse_recipe
+from .decoder import recipe_latents, training_frames
 from .loop import CHECKPOINTS, TrainState, latest_checkpoint, resolve_mixed_precision
 
 RUN = "student-run"
@@ -97,19 +98,6 @@ class StudentModule(nn.Module):
         return loss
 
 
-def teacher_latents(teacher, frames: list, recipe: Recipe, batch_size: int, desc: str) -> torch.Tensor:
-    """[N, c, h, w] float32 CPU: the final latents of `recipe` for each frame (camera, code, mesh)."""
-    from ..renderer import Renderer
-
-    parts = []
-    with Renderer(teacher, sampler=recipe.sampler, steps=recipe.steps, backend="reference", decoder="vae") as r:
-        for i in tqdm(range(0, len(frames), batch_size), desc=desc, unit="batch"):
-            part = frames[i:i + batch_size]
-            parts.append(r.latents([f.camera for f in part], torch.stack([f.code for f in part]),
-                                   [f.mesh for f in part]).cpu())
-    return torch.cat(parts)
-
-
 def check_teacher(teacher) -> None:
     """ConfigError unless `teacher` is an avatar a student can be made of."""
     from ..model import Avatar
@@ -140,7 +128,6 @@ def distill_student(teacher, out: str | Path, config: StudentConfig, *, data=Non
     except ImportError as e:
         raise BackendError("distillation needs accelerate: pip install 'diffusion-avatars-engine[train]'") from e
     from ..sampling import FixedNoise, NoiseSchedule, make_sampler
-    from .decoder import training_frames
 
     check_teacher(teacher)
     out, run = Path(out), Path(out) / RUN
@@ -160,7 +147,7 @@ def distill_student(teacher, out: str | Path, config: StudentConfig, *, data=Non
     if targets_path.exists():
         targets = torch.load(targets_path, map_location="cpu", weights_only=True)
     else:
-        targets = teacher_latents(teacher, frames, parse_recipe(config.teacher_recipe), 8, "teacher targets")
+        targets = recipe_latents(teacher, frames, parse_recipe(config.teacher_recipe), 8, "teacher targets")
         with atomic_path(targets_path) as tmp:
             torch.save(targets, tmp)
     if targets.shape[0] != len(frames):
@@ -252,23 +239,21 @@ def compare(teacher, student, config: StudentConfig, frames: int) -> dict:
     if not hasattr(teacher.head_model, "render"):
         return {}
     held, _ = synthetic_frames(teacher, frames)
-    reference = teacher_latents(teacher, held, parse_recipe(config.teacher_recipe), 4, "held-out reference")
-    fewstep = teacher_latents(teacher, held, Recipe("ddim", config.steps), 4, "held-out teacher ddim")
-    mine = teacher_latents(student, held, Recipe("ddim", config.steps), 4, "held-out student")
+    reference = recipe_latents(teacher, held, parse_recipe(config.teacher_recipe), 4, "held-out reference")
+    fewstep = recipe_latents(teacher, held, Recipe("ddim", config.steps), 4, "held-out teacher ddim")
+    mine = recipe_latents(student, held, Recipe("ddim", config.steps), 4, "held-out student")
     with torch.no_grad():
         images = {k: (teacher.decode(v) / 2 + 0.5).clamp(0, 1) for k, v in
                   (("reference", reference), ("teacher", fewstep), ("student", mine))}
     masks = torch.stack([f.mask for f in held])
     truth = torch.stack([f.image for f in held])
-    result = {"frames": len(held), "sharpness": {k: float(sharpness(v, masks).mean()) for k, v in images.items()}}
-    result["sharpness"]["truth"] = float(sharpness(truth, masks).mean())
+    result = {"frames": len(held), "sharpness": {k: round(float(sharpness(v, masks).mean()), 6)
+                                                 for k, v in images.items()}}
+    result["sharpness"]["truth"] = round(float(sharpness(truth, masks).mean()), 6)
     for k in ("teacher", "student"):
-        result[f"{k}_vs_reference_db"] = float(psnr(images[k], images["reference"]).mean())
-        result[f"{k}_vs_truth_db"] = float(psnr(images[k], truth).mean())
-    result["reference_vs_truth_db"] = float(psnr(images["reference"], truth).mean())
-    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()} | {
-        "sharpness": {k: round(v, 6) for k, v in result["sharpness"].items()}}
+        result[f"{k}_vs_reference_db"] = round(float(psnr(images[k], images["reference"]).mean()), 4)
+        result[f"{k}_vs_truth_db"] = round(float(psnr(images[k], truth).mean()), 4)
+    result["reference_vs_truth_db"] = round(float(psnr(images["reference"], truth).mean()), 4)
+    return result
 
-
-__all__ = ["StudentConfig", "StudentModule", "check_structure", "check_teacher", "compare", "distill_student",
-           "teacher_latents"]
+__all__ = ["StudentConfig", "StudentModule", "check_structure", "check_teacher", "compare", "distill_student"]
