@@ -25,8 +25,9 @@ from .errors import BackendError, InputError
 
 try:
     import numba
+    from numba import prange
 except ImportError:  # said when the conditioner is chosen
-    numba = None
+    numba, prange = None, range
 
 
 def _kernel(mask, depth, canonical, normals, texels, lo, span, depth_max, out):
@@ -37,44 +38,46 @@ def _kernel(mask, depth, canonical, normals, texels, lo, span, depth_max, out):
     dims = canonical.shape[3]
     has_ambient = dims == 5
     r = np.float32(res)
-    coords = np.empty(dims, dtype=np.float32)
-    pairs = ((0, 1), (0, 2), (1, 2), (3, 4))
+    u_of = np.array((0, 0, 1, 3))  # the coordinate pair each map is looked up by: xy, xz, yz, ambient
+    v_of = np.array((1, 2, 2, 4))
     first_feature = 7 + (2 if has_ambient else 0)
-    for b in range(mask.shape[0]):
-        for y in range(mask.shape[1]):
-            for x in range(mask.shape[2]):
-                px = out[b, y, x]
-                if not mask[b, y, x] > half:
-                    px[:] = 0
-                    px[0:4] = -one
-                    if has_ambient:
-                        px[7:9] = -one
-                    continue
-                px[0] = depth[b, y, x] / depth_max * two - one
-                for k in range(dims):
-                    coords[k] = (canonical[b, y, x, k] - lo[k]) / span[k]
-                for k in range(3):
-                    px[1 + k] = coords[k] * two - one
-                    px[4 + k] = normals[b, y, x, k]
+    height = mask.shape[1]
+    for row in prange(mask.shape[0] * height):  # rows split over the threads (torch's count, set per call)
+        b, y = row // height, row % height
+        coords = np.empty(dims, dtype=np.float32)
+        for x in range(mask.shape[2]):
+            px = out[b, y, x]
+            if not mask[b, y, x] > half:
+                px[:] = 0
+                px[0:4] = -one
                 if has_ambient:
-                    px[7] = coords[3] * two - one
-                    px[8] = coords[4] * two - one
-                for p in range(n_maps):
-                    tex = texels[p]
-                    u, v = coords[pairs[p][0]], coords[pairs[p][1]]
-                    # texel centres at (i + 0.5) / R, wrapping: position frac(u) * R - 0.5 between columns i0, i0 + 1
-                    fx = (u - math.floor(u)) * r - half
-                    fy = (v - math.floor(v)) * r - half
-                    x0, y0 = math.floor(fx), math.floor(fy)
-                    wx, wy = np.float32(fx - x0), np.float32(fy - y0)
-                    c0, c1 = int(x0) % res, (int(x0) + 1) % res
-                    r0, r1 = int(y0) % res, (int(y0) + 1) % res
-                    w00, w01 = (one - wx) * (one - wy), wx * (one - wy)
-                    w10, w11 = (one - wx) * wy, wx * wy
-                    base = first_feature + p * channels
-                    for ch in range(channels):
-                        px[base + ch] = (w00 * tex[r0, c0, ch] + w01 * tex[r0, c1, ch]
-                                         + w10 * tex[r1, c0, ch] + w11 * tex[r1, c1, ch])
+                    px[7:9] = -one
+                continue
+            px[0] = depth[b, y, x] / depth_max * two - one
+            for k in range(dims):
+                coords[k] = (canonical[b, y, x, k] - lo[k]) / span[k]
+            for k in range(3):
+                px[1 + k] = coords[k] * two - one
+                px[4 + k] = normals[b, y, x, k]
+            if has_ambient:
+                px[7] = coords[3] * two - one
+                px[8] = coords[4] * two - one
+            for p in range(n_maps):
+                tex = texels[p]
+                u, v = coords[u_of[p]], coords[v_of[p]]
+                # texel centres at (i + 0.5) / R, wrapping: position frac(u) * R - 0.5 between columns i0, i0 + 1
+                fx = (u - math.floor(u)) * r - half
+                fy = (v - math.floor(v)) * r - half
+                x0, y0 = math.floor(fx), math.floor(fy)
+                wx, wy = np.float32(fx - x0), np.float32(fy - y0)
+                c0, c1 = int(x0) % res, (int(x0) + 1) % res
+                r0, r1 = int(y0) % res, (int(y0) + 1) % res
+                w00, w01 = (one - wx) * (one - wy), wx * (one - wy)
+                w10, w11 = (one - wx) * wy, wx * wy
+                base = first_feature + p * channels
+                for ch in range(channels):
+                    px[base + ch] = (w00 * tex[r0, c0, ch] + w01 * tex[r0, c1, ch]
+                                     + w10 * tex[r1, c0, ch] + w11 * tex[r1, c1, ch])
 
 
 _compiled = None
@@ -85,7 +88,7 @@ def _compiled_kernel():
     if _compiled is None:
         if numba is None:
             raise BackendError("the numba conditioner needs numba: pip install numba (a wheel); or use 'torch'")
-        _compiled = numba.njit(cache=True, nogil=True, error_model="numpy")(_kernel)
+        _compiled = numba.njit(cache=True, nogil=True, parallel=True, error_model="numpy")(_kernel)
     return _compiled
 
 
@@ -123,6 +126,7 @@ class NumbaConditioner:
         elif tuple(out.shape) != shape or out.dtype != torch.float32 or out.device.type != "cpu":
             raise InputError(f"out must be a float32 CPU tensor {list(shape)}, got {out.dtype} {list(out.shape)} on "
                              f"{out.device}")
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
         self.kernel(mask[..., 0].numpy(), depth[..., 0].numpy(), canonical.numpy(), normals.numpy(),
                     self.texels.numpy(), self.lo, self.span, np.float32(config.depth_max),
                     out.permute(0, 2, 3, 1).numpy())

@@ -91,3 +91,21 @@ def test_a_detail_dataset_gives_each_frame_its_own_texture(tmp_path):
         assert ((rgb_d + 1) / 2 - want.permute(2, 0, 1)).abs().max() <= 0.5 / 255 + 1e-6  # 8-bit rounding
     assert len({detail_seed(5, s, t) for s in range(4) for t in range(4)}) == 16
     assert np.array_equal(plain.index.codes["seq000"], detail.index.codes["seq000"])
+
+
+def test_a_detail_band_is_drawn_and_recorded_and_a_bad_one_refused(tmp_path):
+    kwargs = dict(sequences=2, frames_per_sequence=1, cameras=1, size=24, eval_cameras=0, eval_sequences=0,
+                  progress=False, detail=True, seed=3)
+    write_synthetic_dataset(tmp_path / "low", detail_band=(160, 320), **kwargs)
+    low = Dataset(tmp_path / "low")
+    assert low.index.detail["band_rad_per_m"] == [160.0, 320.0]
+    field = DetailField.draw(detail_seed(3, 1, 0), band=(160.0, 320.0))
+    k = field.waves[:, :3].norm(dim=1)
+    assert bool(((k >= 160) & (k <= 320)).all())  # the band's wave numbers, not the default's 400-700
+    want, _ = SyntheticHead().render(low.cameras["cam00"], low.expression("seq001", 0), detail=field)
+    got, _ = low.index.image("seq001", "cam00", 0)
+    assert ((got + 1) / 2 - want.permute(2, 0, 1)).abs().max() <= 0.5 / 255 + 1e-6
+    for band in ((300, 100), (0, 10), (float("nan"), 5), (1, 2, 3)):
+        with pytest.raises(InputError, match="detail_band"):
+            write_synthetic_dataset(tmp_path / "bad", detail_band=band, **kwargs)
+    assert not (tmp_path / "bad").exists()

@@ -90,17 +90,22 @@ def detail_seed(seed: int, sequence: int, frame: int) -> int:
 def write_synthetic_dataset(root: str | Path, sequences: int = 12, frames_per_sequence: int = 24, cameras: int = 12,
                             size: int = 128, eval_cameras: int = 1, eval_sequences: int = 2, seed: int = 0,
                             progress: bool = True, overwrite: bool = False, supersample: int = 2,
-                            detail: bool = False) -> Path:
+                            detail: bool = False, detail_band: tuple[float, float] | None = None) -> Path:
     """Render and write a synthetic dataset to `root`; returns the path of its `dataset.json`.
 
     `sequences` x `frames_per_sequence` frames, each seen by `cameras` rig cameras at `size` x `size` pixels; the
     mesh is the synthetic head's (shared topology, per-frame vertices). Cost: sequences x frames x cameras renders.
+    `detail_band`: the detail's wave numbers (rad/m; default `synthetic_look.DETAIL_BAND`, sized for 128 px: lower it
+    for smaller images, where the default's 1-2 cm wavelengths fall under two pixels).
     """
     from tqdm import tqdm
 
     from .synthetic import SYNTHETIC_VERSION, SyntheticHead, default_rig_cameras
-    from .synthetic_look import DetailField
+    from .synthetic_look import DETAIL_BAND, DetailField
 
+    band = DETAIL_BAND if detail_band is None else tuple(float(v) for v in detail_band)
+    if len(band) != 2 or not all(math.isfinite(v) for v in band) or not 0 < band[0] <= band[1]:
+        raise InputError(f"detail_band must be two wave numbers 0 < low <= high (rad/m), got {detail_band!r}")
     for name, v, lo in (("sequences", sequences, 1), ("frames_per_sequence", frames_per_sequence, 1),
                         ("cameras", cameras, 1), ("size", size, 16), ("eval_cameras", eval_cameras, 0),
                         ("eval_sequences", eval_sequences, 0)):
@@ -120,7 +125,7 @@ def write_synthetic_dataset(root: str | Path, sequences: int = 12, frames_per_se
     curves = expression_sequences(sequences, frames_per_sequence, len(names), seed)
     writer = DatasetWriter(root, cameras=cams, expression_dim=len(names), expression_names=names,
                            topology=head.neutral_mesh(), source="synthetic", synthetic_version=SYNTHETIC_VERSION,
-                           detail=_detail_record(seed) if detail else None, overwrite=overwrite)
+                           detail=_detail_record(seed, band) if detail else None, overwrite=overwrite)
     total = sequences * frames_per_sequence * cameras
     with tqdm(total=total, desc="rendering", unit="img", disable=not progress) as bar:
         for s, codes in enumerate(curves):
@@ -128,7 +133,7 @@ def write_synthetic_dataset(root: str | Path, sequences: int = 12, frames_per_se
             vertices = []
             for t, code in enumerate(torch.from_numpy(codes)):
                 vertices.append(head.posed_mesh(code).vertices.detach().cpu().numpy())
-                field = DetailField.draw(detail_seed(seed, s, t)) if detail else None
+                field = DetailField.draw(detail_seed(seed, s, t), band=band) if detail else None
                 for cam_name, cam in cams.items():
                     rgb, alpha = head.render(cam, code, supersample=supersample, detail=field)
                     writer.write_image(seq, cam_name, t, rgb, alpha)
@@ -141,10 +146,10 @@ def write_synthetic_dataset(root: str | Path, sequences: int = 12, frames_per_se
 
 
 
-def _detail_record(seed: int) -> dict:
+def _detail_record(seed: int, band: tuple[float, float]) -> dict:
     """What dataset.json says of the per-frame detail: how it was drawn."""
-    from .synthetic_look import DETAIL_AMPLITUDE, DETAIL_BAND, DETAIL_WAVES
+    from .synthetic_look import DETAIL_AMPLITUDE, DETAIL_WAVES
 
     return {"field": "engine.data.synthetic_look.DetailField", "waves": DETAIL_WAVES,
-            "band_rad_per_m": list(DETAIL_BAND), "amplitude": DETAIL_AMPLITUDE,
+            "band_rad_per_m": list(band), "amplitude": DETAIL_AMPLITUDE,
             "frame_seed": f"engine.data.synthetic_dataset.detail_seed({seed}, sequence, frame)"}

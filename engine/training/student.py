@@ -44,6 +44,7 @@ from .loop import CHECKPOINTS, TrainState, latest_checkpoint, resolve_mixed_prec
 
 RUN = "student-run"
 STUDENT_STEPS = (1, 2)
+TEACHER_FEW_STEPS = (1, 2, 4)  # the teacher's own few-step figures reported beside the student's
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,7 @@ def distill_student(teacher, out: str | Path, config: StudentConfig, *, data=Non
         return {"done": False, "step": step}
     student = accelerator.unwrap_model(model).avatar.eval().requires_grad_(False).cpu()
     student.config = student.config.replace(recipe=Recipe("ddim", config.steps, teacher.config.default_recipe.decoder))
-    result = compare(teacher, student, config, held_out) if held_out else {}
+    result = compare(teacher, student, config, held_out, data) if held_out else {}
     student.save_pretrained(out)
     record = {"teacher": teacher.config.name, "settings": settings, "held_out": result}
     write_atomic(out / "distilled.json", json.dumps(record, indent=1).encode())
@@ -230,30 +231,35 @@ def _conditioner(teacher, device):
     return condition_of
 
 
-def compare(teacher, student, config: StudentConfig, frames: int) -> dict:
-    """Held-out frames (the avatar's held-out cameras and codes): PSNR of the student's and of the teacher's own
-    DDIM-`steps` images against the teacher's reference images, and each one's sharpness (variance of the
-    Laplacian inside the head mask) beside the reference's."""
-    from ..evaluation.held_out import synthetic_frames
+def compare(teacher, student, config: StudentConfig, frames: int, data=None) -> dict:
+    """Held-out frames (the dataset `data`'s eval split, whose truth carries its per-frame detail; else the avatar's
+    held-out cameras and codes from its synthetic head): PSNR of the student's and of the teacher's own DDIM-`steps`
+    images against the teacher's reference images, and each one's sharpness (variance of the Laplacian inside the
+    head mask) beside the reference's and the truth's."""
+    from ..evaluation.held_out import dataset_frames, synthetic_frames
 
-    if not hasattr(teacher.head_model, "render"):
+    if data is not None:
+        held = dataset_frames(data, frames)[0]
+    elif hasattr(teacher.head_model, "render"):
+        held = synthetic_frames(teacher, frames)[0]
+    else:
         return {}
-    held, _ = synthetic_frames(teacher, frames)
-    reference = recipe_latents(teacher, held, parse_recipe(config.teacher_recipe), 4, "held-out reference")
-    fewstep = recipe_latents(teacher, held, Recipe("ddim", config.steps), 4, "held-out teacher ddim")
-    mine = recipe_latents(student, held, Recipe("ddim", config.steps), 4, "held-out student")
+    latents = {"reference": recipe_latents(teacher, held, parse_recipe(config.teacher_recipe), 4, "held-out reference")}
+    for n in sorted({*TEACHER_FEW_STEPS, config.steps}):
+        latents[f"teacher_ddim{n}"] = recipe_latents(teacher, held, Recipe("ddim", n), 4, f"held-out teacher ddim:{n}")
+    latents["student"] = recipe_latents(student, held, Recipe("ddim", config.steps), 4, "held-out student")
     with torch.no_grad():
-        images = {k: (teacher.decode(v) / 2 + 0.5).clamp(0, 1) for k, v in
-                  (("reference", reference), ("teacher", fewstep), ("student", mine))}
+        images = {k: (teacher.decode(v) / 2 + 0.5).clamp(0, 1) for k, v in latents.items()}
     masks = torch.stack([f.mask for f in held])
-    truth = torch.stack([f.image for f in held])
-    result = {"frames": len(held), "sharpness": {k: round(float(sharpness(v, masks).mean()), 6)
-                                                 for k, v in images.items()}}
-    result["sharpness"]["truth"] = round(float(sharpness(truth, masks).mean()), 6)
-    for k in ("teacher", "student"):
-        result[f"{k}_vs_reference_db"] = round(float(psnr(images[k], images["reference"]).mean()), 4)
-        result[f"{k}_vs_truth_db"] = round(float(psnr(images[k], truth).mean()), 4)
-    result["reference_vs_truth_db"] = round(float(psnr(images["reference"], truth).mean()), 4)
+    images["truth"] = torch.stack([f.image for f in held])
+    result = {"frames": len(held), "steps": config.steps,
+              "sharpness": {k: round(float(sharpness(v, masks).mean()), 6) for k, v in images.items()},
+              "vs_reference_db": {k: round(float(psnr(v, images["reference"]).mean()), 4)
+                                  for k, v in images.items() if k not in ("reference", "truth")},
+              "vs_truth_db": {k: round(float(psnr(v, images["truth"]).mean()), 4)
+                              for k, v in images.items() if k != "truth"}}
+    result["student_gain_over_teacher_db"] = round(result["vs_reference_db"]["student"]
+                                                   - result["vs_reference_db"][f"teacher_ddim{config.steps}"], 4)
     return result
 
 __all__ = ["StudentConfig", "StudentModule", "check_structure", "check_teacher", "compare", "distill_student"]
