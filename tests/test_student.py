@@ -7,7 +7,10 @@ import torch
 
 from engine.cli import main
 from engine.config import from_preset
+from engine.data.synthetic_dataset import write_synthetic_dataset
 from engine.errors import CheckpointError, ConfigError
+from engine.evaluation.held_out import dataset_frames
+from engine.metrics import psnr, sharpness
 from engine.model import Avatar
 from engine.recipe import Recipe
 from engine.renderer import Renderer
@@ -19,6 +22,7 @@ from engine.training.student import (
     StudentModule,
     check_structure,
     check_teacher,
+    compare,
     distill_student,
 )
 
@@ -112,3 +116,22 @@ def test_bad_arguments(teacher, tmp_path, capsys):
     wrong.unet.conv_in = torch.nn.Conv2d(wrong.unet.conv_in.in_channels, 8, 3)
     with pytest.raises(ConfigError, match="does not match its teacher's structure"):
         check_structure(wrong, teacher)
+
+
+def test_compare_scores_the_datasets_held_out_frames_against_the_reference(teacher, tmp_path):
+    """With --data the held-out frames are the dataset's eval split (its truth carries the per-frame detail); a
+    student that is its teacher scores exactly the teacher's DDIM-N, and the teacher's DDIM 1/2/4 are beside it."""
+    write_synthetic_dataset(tmp_path / "d", sequences=2, frames_per_sequence=2, cameras=2,
+                            size=teacher.config.image_size, eval_cameras=1, eval_sequences=1, progress=False,
+                            detail=True)
+    result = compare(teacher, teacher, StudentConfig(steps=1, **FAST), 3, data=tmp_path / "d")
+    assert set(result["vs_reference_db"]) == {"teacher_ddim1", "teacher_ddim2", "teacher_ddim4", "student"}
+    assert result["vs_reference_db"]["student"] == result["vs_reference_db"]["teacher_ddim1"]
+    assert result["student_gain_over_teacher_db"] == 0 and result["frames"] == 3
+    held = dataset_frames(tmp_path / "d", 3)[0]
+    truth, masks = torch.stack([f.image for f in held]), torch.stack([f.mask for f in held])
+    assert result["sharpness"]["truth"] == pytest.approx(float(sharpness(truth, masks).mean()), abs=1e-6)
+    with torch.no_grad():  # the autoencoder row: the teacher's VAE on the dataset's truth, computed here directly
+        z = teacher.vae.encode(truth * 2 - 1).latent_dist.mean
+        again = (teacher.vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
+    assert result["vs_truth_db"]["autoencoder"] == pytest.approx(float(psnr(again, truth).mean()), abs=1e-3)

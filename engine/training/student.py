@@ -235,7 +235,7 @@ def compare(teacher, student, config: StudentConfig, frames: int, data=None) -> 
     """Held-out frames (the dataset `data`'s eval split, whose truth carries its per-frame detail; else the avatar's
     held-out cameras and codes from its synthetic head): PSNR of the student's and of the teacher's own DDIM-`steps`
     images against the teacher's reference images, and each one's sharpness (variance of the Laplacian inside the
-    head mask) beside the reference's and the truth's."""
+    head mask) beside the reference's, the truth's and the autoencoder's (decode(encode(truth)), the VAE's ceiling)."""
     from ..evaluation.held_out import dataset_frames, synthetic_frames
 
     if data is not None:
@@ -248,14 +248,16 @@ def compare(teacher, student, config: StudentConfig, frames: int, data=None) -> 
     for n in sorted({*TEACHER_FEW_STEPS, config.steps}):
         latents[f"teacher_ddim{n}"] = recipe_latents(teacher, held, Recipe("ddim", n), 4, f"held-out teacher ddim:{n}")
     latents["student"] = recipe_latents(student, held, Recipe("ddim", config.steps), 4, "held-out student")
-    with torch.no_grad():
+    truth = torch.stack([f.image for f in held])
+    with torch.no_grad():  # the autoencoder's decode(encode(truth)): the ceiling of any latent model of this VAE
+        latents["autoencoder"] = teacher.vae.encode(truth * 2 - 1).latent_dist.mean * teacher.config.vae.scaling_factor
         images = {k: (teacher.decode(v) / 2 + 0.5).clamp(0, 1) for k, v in latents.items()}
     masks = torch.stack([f.mask for f in held])
-    images["truth"] = torch.stack([f.image for f in held])
+    images["truth"] = truth
     result = {"frames": len(held), "steps": config.steps,
               "sharpness": {k: round(float(sharpness(v, masks).mean()), 6) for k, v in images.items()},
               "vs_reference_db": {k: round(float(psnr(v, images["reference"]).mean()), 4)
-                                  for k, v in images.items() if k not in ("reference", "truth")},
+                                  for k, v in images.items() if k not in ("reference", "truth", "autoencoder")},
               "vs_truth_db": {k: round(float(psnr(v, images["truth"]).mean()), 4)
                               for k, v in images.items() if k != "truth"}}
     result["student_gain_over_teacher_db"] = round(result["vs_reference_db"]["student"]
