@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev,train,live,onnx]"
+	$(BIN)/pip install -q -e ".[dev,train,eval,live,onnx]"
 	touch $@
 
 demo: install
@@ -28,7 +28,7 @@ demo: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra --durations=15 tests
 
 bench: install
 	$(BIN)/avatar bench --avatar tiny --device cpu --steps 4,20

@@ -68,8 +68,8 @@ def _run_recipes(args: argparse.Namespace) -> None:
 
     recipes = parse_recipes(args.recipes, args.decoders)
     if importlib.util.find_spec("matplotlib") is None:  # checked before the evaluation, not after it
-        raise BackendError("--recipes plots quality against frame time with matplotlib: pip install matplotlib "
-                           "(it comes with the live extra)")
+        raise BackendError("--recipes plots quality against frame time with matplotlib: pip install "
+                           "'diffusion-avatars-engine[eval]'")
     if args.out is None:
         raise ConfigError("--recipes writes three files: give their stem with --out (e.g. --out results/demo-recipes)")
     for ext in (".json", ".md", ".png"):
