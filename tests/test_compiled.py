@@ -233,3 +233,23 @@ def test_bench_json_and_markdown(tmp_path):
     md = (tmp_path / "bench.md").read_text()
     assert "| backend | dtype |" in md and "Against the baseline" in md and "| compiled | float32 |" in md
     assert "| fps, depth 1 | latency ms, depth 1 (p90) | fps, depth 2 |" in md
+
+
+def test_the_timing_tiny_decoder_renders_the_image_size_of_a_vae_that_downsamples_by_4():
+    """An avatar without a trained tiny decoder gets a random TAESD-shaped one with one upsampling per halving of
+    its own VAE (not TAESD's fixed 8x), so a frame has the avatar's image size."""
+    import dataclasses
+
+    from engine.config import from_preset
+    from engine.model import Avatar
+
+    config = from_preset("tiny")
+    config = config.replace(vae=dataclasses.replace(config.vae, block_out_channels=config.vae.block_out_channels[:3]),
+                            conditioning_embedding_channels=config.conditioning_embedding_channels[:3])
+    avatar = Avatar(config, seed=0)
+    assert config.vae.downsample == 4 and avatar.tiny_decoder is None
+    r = Renderer(avatar, sampler="ddim", steps=1)
+    backend = CompiledBackend(avatar, r.sampler, r.noise, "cpu", torch.float32, decoder="tiny")
+    side = config.image_size // 4
+    image = backend.decode(torch.randn(1, config.vae.latent_channels, side, side))
+    assert image.shape == (1, 3, config.image_size, config.image_size)

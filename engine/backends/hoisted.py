@@ -244,13 +244,17 @@ def _quiet_diffusers():
 
 
 def _tiny_decoder(config) -> nn.Module:
-    """For an avatar without a trained tiny decoder: a TAESD-shaped one (diffusers `AutoencoderTiny`'s) with seeded
-    random weights, for timing."""
-    from diffusers import AutoencoderTiny
+    """For an avatar without a trained tiny decoder: TAESD's shape (64 channels, 3 residual blocks a stage, 1 in
+    the last) with one upsampling stage per halving of the avatar's VAE, so it renders the avatar's image size, with
+    seeded random weights, for timing."""
+    from ..recipe import TinyDecoderConfig
+    from ..tiny_decoder import build_tiny_decoder
 
+    halvings = config.vae.downsample.bit_length() - 1
+    shape = TinyDecoderConfig(config.vae.latent_channels, 64, (3,) * halvings + (1,))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return AutoencoderTiny(latent_channels=config.vae.latent_channels).decoder
+        return build_tiny_decoder(shape)
 
 
 def controlnet_residuals(cn, x, cond_embedding, text):
