@@ -5,6 +5,7 @@ import math
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,7 +169,13 @@ def test_the_demo_avatar_records_its_make_data_rig():
     from engine.avatars import resolve_avatar
 
     record = resolve_avatar("demo").config().trained_on
-    assert list(record.rig) == [c.to_dict() for c in default_rig_cameras(12, 128)]
+    expected = [c.to_dict() for c in default_rig_cameras(12, 128)]
+    # the rig's rotations come out of float32 trigonometry, whose last bits differ between CPUs
+    assert len(record.rig) == len(expected)
+    for stored, camera in zip(record.rig, expected):
+        assert stored.keys() == camera.keys()
+        for key, value in camera.items():
+            assert np.allclose(stored[key], value, atol=1e-6), (key, stored[key], value)
     golden = 0.6180339887498949
     pitch = [(2 * ((0.5 + j * golden) % 1.0) - 1) * 20.0 for j in (9, 4)]
     assert record.azimuth_deg == pytest.approx((-45.0 * 10 / 11, 45.0 * 10 / 11), abs=1e-4)

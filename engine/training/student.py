@@ -213,6 +213,8 @@ def _initial_student(teacher, config: StudentConfig):
         net.requires_grad_(True)
         if config.gradient_checkpointing:
             net.enable_gradient_checkpointing()
+    if config.gradient_checkpointing:  # the frozen decoder's blocks too: the image term backpropagates through them
+        student.vae.enable_gradient_checkpointing()
     check_structure(student, teacher)
     return student
 
