@@ -135,3 +135,26 @@ def test_compare_scores_the_datasets_held_out_frames_against_the_reference(teach
         z = teacher.vae.encode(truth * 2 - 1).latent_dist.mean
         again = (teacher.vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
     assert result["vs_truth_db"]["autoencoder"] == pytest.approx(float(psnr(again, truth).mean()), abs=1e-3)
+
+
+def test_the_shipped_demo_student_is_closer_to_the_demos_reference_than_its_ddim1():
+    """engine/avatars/demo-student (`avatar distill --teacher demo --steps 1`, stored in float16): the demo's
+    structure, its own recipe DDIM 1, and on held-out frames closer to the demo's DDPM-20 frames (its reference)
+    than the demo's DDIM 1, without losing ground truth (issue 17's bar for the demo)."""
+    from engine.avatars import load_avatar
+    from engine.evaluation.held_out import synthetic_frames
+    from engine.recipe import parse_recipe
+
+    demo, student = load_avatar("demo"), load_avatar("demo-student")
+    check_structure(student, demo)
+    assert student.config.default_recipe == Recipe("ddim", 1, "vae")
+    held = synthetic_frames(demo, 3)[0]
+    truth = torch.stack([f.image for f in held])
+
+    def images(avatar, recipe):
+        with torch.no_grad():
+            return (avatar.decode(recipe_latents(avatar, held, parse_recipe(recipe), 3, recipe)) / 2 + 0.5).clamp(0, 1)
+
+    reference, ddim1, distilled = images(demo, "ddpm:20"), images(demo, "ddim:1"), images(student, "ddim:1")
+    assert psnr(distilled, reference).mean() > psnr(ddim1, reference).mean() + 3
+    assert psnr(distilled, truth).mean() >= psnr(ddim1, truth).mean()
