@@ -27,6 +27,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 # The avatar and step count the page serves (the demo avatar's figure: AVATAR_BROWSER_AVATAR=demo ..._STEPS=8).
 AVATAR = os.environ.get("AVATAR_BROWSER_AVATAR", "tiny")
 STEPS = os.environ.get("AVATAR_BROWSER_STEPS", "1")
+ENGINES = os.environ.get("AVATAR_BROWSER_ENGINES")  # an export folder of AVATAR: serve it with ONNX Runtime
 # The bound the printed latency must meet: generous for a loaded CI machine (measured on 2 CPU cores: tiny at 1 step
 # 65-87 ms, the demo at 8 steps 282 ms), tight enough that a stalled render loop or a backlog fails.
 LATENCY_BOUND_MS = 500 + 250 * int(STEPS)
@@ -67,6 +68,7 @@ def server(tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     cmd = _serve_command() + ["--avatar", AVATAR, "--port", str(port), "--steps", STEPS, "--max-steps", "20"]
+    cmd += ["--engines", ENGINES] if ENGINES else []
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

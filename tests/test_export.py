@@ -25,6 +25,7 @@ from engine.cli import main
 from engine.config import from_preset
 from engine.errors import BackendError, CheckpointError, ConfigError
 from engine.model import Avatar
+from engine.orbit import orbit_camera
 from engine.renderer import Renderer
 from engine.sequence import orbit
 from export.graphs import example_inputs
@@ -291,3 +292,24 @@ def test_demo_frames_match_the_float32_reference(demo_engines, sampler, steps):
     psnr = _psnr(ref.render(f.camera, f.expression), fast.render(f.camera, f.expression))
     print(f"[onnx psnr] demo float32 {sampler} {steps}: {psnr:.1f} dB")
     assert psnr >= 50
+
+
+def test_serve_with_engines_renders_through_onnxruntime(tiny_engines, tiny_avatar):
+    """`avatar serve --engines DIR`: the CPU's default backend becomes onnxruntime, whose frames match the
+    reference's (the float32 graphs' tolerance of the render test above), and the rasteriser is the CPU's default."""
+    import argparse
+
+    from engine.live.server import add_arguments, build_worker
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    worker = build_worker(parser.parse_args(["--avatar", "tiny", "--device", "cpu", "--engines", str(tiny_engines)]))
+    assert worker.spec.backend == "onnxruntime" and worker.spec.backends == ("onnxruntime",)
+    plain = build_worker(parser.parse_args(["--avatar", "tiny", "--device", "cpu"]))
+    assert plain.spec.backend == "reference"
+    ort, ref = worker.renderer(2, "onnxruntime"), plain.renderer(2, "reference")
+    assert ort.raster_backend == "numba"
+    camera = orbit_camera(15.0, 5.0, size=tiny_avatar.config.image_size)
+    code = torch.full((tiny_avatar.config.expression_dim,), 0.3)
+    a, b = (r.render(camera, code) for r in (ort, ref))
+    assert _psnr(a, b) >= 50

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..command_options import AVATAR_HELP, device, positive_int
 from ..devices import DEVICES
 from ..errors import InputError
+from ..raster import CHOICES as RASTER_CHOICES
 from .access import WILDCARD_HOSTS, AccessPolicy
 from .app import create_app, host_warning, uvicorn_config
 from .protocol import MAX_MESSAGE_BYTES
@@ -35,7 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="precision (default: the backend's)")
     parser.add_argument("--seed", type=int, default=None, help="fixed-noise seed (default: the avatar's)")
-    parser.add_argument("--raster", default="torch", choices=["torch", "nvdiffrast"], help="rasteriser")
+    parser.add_argument("--raster", default="auto", choices=RASTER_CHOICES, help="rasteriser (default: auto = numba "
+                        "on the CPU where installed, else the torch reference)")
+    parser.add_argument("--engines", default=None, help="an export folder (`avatar export`): the default backend on "
+                        "the CPU becomes onnxruntime, which renders it (tensorrt too, named in --backends)")
     parser.add_argument("--map", default=None, help="expression map file for webcam driving (`avatar fit-driver`); "
                         "default: by name, for ARKit-coded avatars such as tiny")
     parser.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES,
@@ -68,7 +72,7 @@ def build_worker(args) -> RenderWorker:
     from ..backends import default_backend
 
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip()) if args.backends else \
-        (default_backend(args.device),)
+        (default_backend(args.device, args.engines),)
     avatar = load_avatar(args.avatar, device=args.device)
     # Each request is rendered before the next is taken (one frame in flight); its decoder is the recipe's.
     recipe = avatar.config.recipe
@@ -77,7 +81,7 @@ def build_worker(args) -> RenderWorker:
                         max_steps=args.max_steps,
                         backends=backends, seed=args.seed,
                         dtype=args.dtype, raster_backend=args.raster, max_message_bytes=args.max_message_bytes,
-                        expression_map=args.map, max_trackers=args.max_trackers)
+                        expression_map=args.map, max_trackers=args.max_trackers, engines=args.engines)
 
 
 def access_policy(args) -> AccessPolicy:

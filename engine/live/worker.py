@@ -67,6 +67,9 @@ def default_corners(config, seed: int = 0) -> tuple[np.ndarray, list[str]]:
     return corners, ["neutral", "random A", "random B", "random C"]
 
 
+ENGINE_BACKENDS = ("onnxruntime", "tensorrt")  # the backends that render an export folder (`engines`)
+
+
 def view_range(config) -> dict | None:
     """The orbit range the avatar was trained on ({"yaw", "pitch", "distance"}: [low, high], `engine.orbit`'s
     angles), which the page keeps its camera in by default; None when the avatar records none."""
@@ -118,6 +121,7 @@ class RenderWorker:
     Args:
         avatar: the model (shared by every renderer the worker builds).
         device, sampler, seed, dtype, raster_backend: as `engine.renderer.Renderer`.
+        engines: an export folder (`avatar export`) for the `onnxruntime` and `tensorrt` backends.
         steps: the default number of steps; max_steps: the most a client may ask for.
         backends: the backend names clients may choose (the first is the default).
         max_renderers: renderers kept built, one per (backend, steps), least recently used evicted.
@@ -130,8 +134,9 @@ class RenderWorker:
 
     def __init__(self, avatar, device: str = "cpu", sampler: str = "ddim", steps: int = 2, max_steps: int = 50,
                  backends: tuple[str, ...] = ("reference",), seed: int | None = None, dtype=None,
-                 raster_backend: str = "torch", max_renderers: int = 4, jpeg_quality: int = 90,
-                 max_message_bytes: int | None = None, expression_map: str | None = None, max_trackers: int = 4):
+                 raster_backend: str = "auto", max_renderers: int = 4, jpeg_quality: int = 90,
+                 max_message_bytes: int | None = None, expression_map: str | None = None, max_trackers: int = 4,
+                 engines: str | None = None):
         from ..backends import backend_class
 
         if not backends:
@@ -148,6 +153,7 @@ class RenderWorker:
         self._renderer_args = dict(device=device, sampler=sampler, seed=seed, dtype=dtype,
                                    raster_backend=raster_backend)
         self.sampler, self.max_renderers, self.jpeg_quality = sampler, max_renderers, jpeg_quality
+        self.engines = engines
         self.corners, self.corner_labels = default_corners(self.config)
         self.webcam = WebcamTracker(self.config, self._tracked, max_trackers, expression_map)
         self._renderers: OrderedDict[tuple[str, int], object] = OrderedDict()
@@ -273,7 +279,8 @@ class RenderWorker:
         if key in self._renderers:
             self._renderers.move_to_end(key)
             return self._renderers[key]
-        renderer = Renderer(self.avatar, steps=steps, backend=backend, **self._renderer_args)
+        options = {"engines": self.engines} if self.engines is not None and backend in ENGINE_BACKENDS else None
+        renderer = Renderer(self.avatar, steps=steps, backend=backend, backend_options=options, **self._renderer_args)
         self._renderers[key] = renderer
         while len(self._renderers) > self.max_renderers:
             self._renderers.popitem(last=False)
