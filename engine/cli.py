@@ -90,6 +90,7 @@ def cmd_render(args) -> None:
     from tqdm import tqdm
 
     from .avatars import load_avatar, resolve_avatar
+    from .backends import ENGINE_BACKENDS
     from .errors import ConfigError, InputError
     from .files import check_writable
     from .renderer import Renderer
@@ -109,7 +110,7 @@ def cmd_render(args) -> None:
     sheet = []
     if args.sheet:
         check_writable(args.sheet, "the contact sheet")
-    if args.engines and args.backend not in (None, "onnxruntime", "tensorrt"):
+    if args.engines and args.backend not in (None, *ENGINE_BACKENDS):
         raise ConfigError(f"--engines is for --backend onnxruntime or tensorrt, not {args.backend}; drop one of them")
     # The avatar stays on the CPU: the Renderer puts on the device what its backend needs (a half-precision backend
     # then never holds the float32 networks there too).

@@ -178,6 +178,7 @@ def backend_names() -> list[str]:
 # (`benchmarks/results/demo-cpu-stages.md`), ONNX Runtime's step took 26 ms and its VAE decoder 28 ms against the
 # reference's 78 + 41 ms and the hoisted eager torch backend's (`compiled`) 177 ms frame against 96 ms at DDIM 2.
 CPU_FRAME_BACKEND = "onnxruntime"
+ENGINE_BACKENDS = ("onnxruntime", "tensorrt")  # the backends that render an export folder (`engines`)
 
 
 def default_backend(device, engines=None) -> str:

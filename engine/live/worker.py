@@ -67,9 +67,6 @@ def default_corners(config, seed: int = 0) -> tuple[np.ndarray, list[str]]:
     return corners, ["neutral", "random A", "random B", "random C"]
 
 
-ENGINE_BACKENDS = ("onnxruntime", "tensorrt")  # the backends that render an export folder (`engines`)
-
-
 def view_range(config) -> dict | None:
     """The orbit range the avatar was trained on ({"yaw", "pitch", "distance"}: [low, high], `engine.orbit`'s
     angles), which the page keeps its camera in by default; None when the avatar records none."""
@@ -273,6 +270,7 @@ class RenderWorker:
 
     def renderer(self, steps: int, backend: str):
         """The renderer for (backend, steps), built on first use and kept (least recently used evicted)."""
+        from ..backends import ENGINE_BACKENDS
         from ..renderer import Renderer
 
         key = (backend, steps)

@@ -5,13 +5,13 @@ autograd's saved-tensor hooks counting the bytes the backward pass would keep (a
 The optimiser's share is counted from the trainable parameters: float32 weights, gradients and AdamW's two moments,
 which accelerate keeps in float32 under mixed precision too (16 bytes per trainable parameter); frozen parts (VAE,
 textures, expression projection) hold their float32 weights only, and autocast caches a 2-byte copy of every
-weight. Under bf16/fp16 the activations are counted with
-the networks cast to that dtype (autocast keeps a few in float32, so this is a slight underestimate); with gradient
-checkpointing (diffusers' `enable_gradient_checkpointing`: each ResNet and transformer block of the UNet and the
-ControlNet, and the frozen VAE decoder's middle and up blocks, which the image term backpropagates through,
-recomputed in the backward pass) a checkpointed block keeps only its inputs, and the backward pass holds
-at most one block's activations again. Attention is counted as CPU's kernels save it; CUDA's flash and
-memory-efficient kernels save less, so on a GPU the figure errs high. CUDA's allocator and workspace come on top.
+weight. Under bf16/fp16 the activations are counted with the networks cast to that dtype (autocast keeps a few in
+float32, so this is a slight underestimate); with gradient checkpointing (diffusers' `enable_gradient_checkpointing`:
+each ResNet and transformer block of the UNet and the ControlNet, and the frozen VAE decoder's middle and up blocks,
+which the image term backpropagates through, recomputed in the backward pass) a checkpointed block keeps only its
+inputs, and the backward pass holds at most one block's activations again. Attention is counted as CPU's kernels
+save it; CUDA's flash and memory-efficient kernels save less, so on a GPU the figure errs high. CUDA's allocator and
+workspace come on top.
 """
 
 from __future__ import annotations
@@ -37,8 +37,7 @@ def estimate_memory(teacher, steps: int, batch_size: int, mixed_precision: str =
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
     with torch.device("meta"):
         student = copy.deepcopy(teacher).to("meta")
-    trainable = [p for net in (student.controlnet, student.unet) for p in net.parameters()]
-    n_trainable = sum(p.numel() for p in trainable)
+    n_trainable = sum(p.numel() for net in (student.controlnet, student.unet) for p in net.parameters())
     n_all = sum(p.numel() for p in student.parameters())
     student = student.to(dtype)
     shape = (config.vae.latent_channels, config.latent_size, config.latent_size)
@@ -83,8 +82,8 @@ def _cast_inputs(dtype: torch.dtype):
 @contextmanager
 def _saved_bytes(avatar: nn.Module, blocks: bool):
     """Count the bytes autograd saves for backward (parameters and their views excluded, each tensor once, a view as
-    its base); with `blocks`, also
-    those saved inside each checkpointed block ("inside", "largest") and the blocks' inputs ("inputs")."""
+    its base); with `blocks`, also those saved inside each checkpointed block ("inside", "largest") and the blocks'
+    inputs ("inputs")."""
     params = {id(p) for p in avatar.parameters()}
     seen: set[int] = set()
     counts = {"total": 0, "inside": 0, "inputs": 0, "largest": 0}
