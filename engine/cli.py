@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .command_options import AVATAR_HELP, add_render_options, positive_int
+from .command_options import AVATAR_HELP, add_render_options, positive_int, render_backend
 from .errors import AvatarError
 
 # Commands whose code lives in its own module (`add_arguments(parser)` + `run(args)`), imported only when chosen
@@ -58,8 +58,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--alpha", action="store_true", help="RGBA PNG frames with the head mask as alpha")
     p.add_argument("--fps", type=positive_int, default=24, help="video frame rate (default: 24)")
     p.add_argument("--sheet", default=None, help="also write a PNG contact sheet of 16 evenly spaced frames")
-    p.add_argument("--engines", default=None, help="the export folder (`avatar export`) of --backend onnxruntime, "
-                   "which --engines implies, or of --backend tensorrt")
     add_render_options(p)
 
     p = sub.add_parser("info", help="describe an avatar: config, parameter counts, channel layout")
@@ -90,7 +88,6 @@ def cmd_render(args) -> None:
     from tqdm import tqdm
 
     from .avatars import load_avatar, resolve_avatar
-    from .backends import ENGINE_BACKENDS
     from .errors import ConfigError, InputError
     from .files import check_writable
     from .renderer import Renderer
@@ -110,14 +107,11 @@ def cmd_render(args) -> None:
     sheet = []
     if args.sheet:
         check_writable(args.sheet, "the contact sheet")
-    if args.engines and args.backend not in (None, *ENGINE_BACKENDS):
-        raise ConfigError(f"--engines is for --backend onnxruntime or tensorrt, not {args.backend}; drop one of them")
     # The avatar stays on the CPU: the Renderer puts on the device what its backend needs (a half-precision backend
     # then never holds the float32 networks there too).
     renderer = Renderer(load_avatar(args.avatar), device=args.device, sampler=args.sampler, steps=args.steps,
                         decoder=args.decoder, seed=args.seed, dtype=args.dtype, raster_backend=args.raster,
-                        backend=args.backend or ("onnxruntime" if args.engines else None),
-                        backend_options={"engines": args.engines} if args.engines else None)
+                        **render_backend(args))
     try:
         renderer.check_frames(frames)
     except InputError as e:

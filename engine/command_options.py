@@ -33,6 +33,21 @@ def add_render_options(p: argparse.ArgumentParser) -> None:
                    help="precision (default: the backend's: float32 for reference, float16 for compiled)")
     p.add_argument("--raster", default="auto", choices=RASTER_CHOICES,
                    help="rasteriser (default: auto = numba on the CPU where installed, else the torch reference)")
+    p.add_argument("--engines", default=None, help="the export folder (`avatar export`) of --backend onnxruntime, "
+                   "which --engines implies, or of --backend tensorrt")
+
+
+def render_backend(args: argparse.Namespace) -> dict:
+    """`Renderer`'s `backend` and `backend_options` from `add_render_options`' --backend and --engines (--engines
+    alone means onnxruntime); a ConfigError for --engines with a backend that reads no export."""
+    from .backends import ENGINE_BACKENDS
+    from .errors import ConfigError
+
+    if args.engines is None:
+        return {"backend": args.backend, "backend_options": None}
+    if args.backend not in (None, *ENGINE_BACKENDS):
+        raise ConfigError(f"--engines is for --backend onnxruntime or tensorrt, not {args.backend}; drop one of them")
+    return {"backend": args.backend or "onnxruntime", "backend_options": {"engines": args.engines}}
 
 
 def add_device_option(p: argparse.ArgumentParser) -> None:

