@@ -87,19 +87,28 @@ class TinyDecoderConfig:
     """A TAESD-shaped decoder (diffusers' `DecoderTiny`: conv/ReLU/nearest-upsample only, no normalisation, no
     attention) from the avatar's latent to its image.
 
-    latent_channels: the avatar's VAE latent channels; channels: the width of every stage; blocks: residual blocks
-    per stage, one stage per resolution, so `len(blocks) - 1` upsamplings by 2 (it must match the VAE's
-    downsampling). TAESD's own (SD scale): 64 channels, blocks (3, 3, 3, 1). Its input is the diffusion latent
-    (the VAE's latent times the scaling factor), its output an image nominally in [-1, 1].
+    latent_channels: the avatar's VAE latent channels; channels: the width of every stage, or one width per stage
+    (narrower at the higher resolutions, where a conv costs 4x per upsampling); blocks: residual blocks per stage,
+    one stage per resolution, so `len(blocks) - 1` upsamplings by 2 (it must match the VAE's downsampling).
+    TAESD's own (SD scale): 64 channels, blocks (3, 3, 3, 1). Its input is the diffusion latent (the VAE's latent
+    times the scaling factor), its output an image nominally in [-1, 1].
     """
 
     latent_channels: int = 4
-    channels: int = 64
+    channels: int | tuple[int, ...] = 64
     blocks: tuple[int, ...] = (3, 3, 3, 1)
 
     def __post_init__(self):
         check_positive("tiny_decoder", latent_channels=self.latent_channels, channels=self.channels,
                        blocks=self.blocks)
+        if isinstance(self.channels, tuple) and len(self.channels) != len(self.blocks):
+            raise ConfigError(f"tiny_decoder.channels has {len(self.channels)} widths for {len(self.blocks)} stages "
+                              f"(blocks {list(self.blocks)}); give one width per stage, or one for all")
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """The width of each stage, lowest resolution first."""
+        return self.channels if isinstance(self.channels, tuple) else (self.channels,) * len(self.blocks)
 
     @property
     def upsample(self) -> int:

@@ -42,8 +42,22 @@ def _value(value: Any, hint: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]  # `X | None`, the one union the configs use
-        return _value(value, inner, where)
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) == 1:
+            return _value(value, arms[0], where)
+        # `int | tuple[int, ...]`: a list is checked as the tuple (so its error names the item), anything else as the
+        # scalar
+        lists = [a for a in arms if typing.get_origin(a) is tuple]
+        if isinstance(value, (list, tuple)) and lists:
+            return _value(value, lists[0], where)
+        if not isinstance(value, (list, tuple)) and len(lists) < len(arms):
+            for arm in (a for a in arms if a not in lists):
+                try:
+                    return _value(value, arm, where)
+                except ConfigError:
+                    pass
+        kinds = " or ".join("a list" if typing.get_origin(a) is tuple else _NAMES[a] for a in arms)
+        raise ConfigError(f"{where} must be {kinds}, got {_show(value)} (fix the value in the config)")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {_show(value)} (write [...] there)")

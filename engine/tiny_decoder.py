@@ -18,7 +18,14 @@ def build_tiny_decoder(config: TinyDecoderConfig) -> nn.Module:
     image `[B, 3, h * upsample, w * upsample]` nominally in [-1, 1]."""
     from diffusers.models.autoencoders.vae import DecoderTiny
 
-    n = len(config.blocks)
-    return DecoderTiny(in_channels=config.latent_channels, out_channels=3, num_blocks=config.blocks,
-                       block_out_channels=(config.channels,) * n, upsampling_scaling_factor=2, act_fn="relu",
-                       upsample_fn="nearest")
+    widths = config.widths
+    decoder = DecoderTiny(in_channels=config.latent_channels, out_channels=3, num_blocks=config.blocks,
+                          block_out_channels=widths, upsampling_scaling_factor=2, act_fn="relu",
+                          upsample_fn="nearest")
+    # DecoderTiny's conv after each upsampling keeps the stage's width (its next stage's blocks are already built
+    # at the next width); per-stage widths need that conv to map one width to the next. Same layer indices, so a
+    # uniform-width decoder's state dict is DecoderTiny's.
+    upsamplings = [i for i, layer in enumerate(decoder.layers) if isinstance(layer, nn.Upsample)]
+    for stage, index in enumerate(upsamplings):
+        decoder.layers[index + 1] = nn.Conv2d(widths[stage], widths[stage + 1], kernel_size=3, padding=1, bias=False)
+    return decoder

@@ -252,6 +252,8 @@ def write_avatar(avatar, decoder, shape: TinyDecoderConfig, out: str | Path, rec
     config = avatar.config.replace(tiny_decoder=shape, recipe=record or avatar.config.recipe)
     with torch.device("meta"):
         new = Avatar(config, root=avatar.root)
-    state = {**avatar.state_dict(), **{f"tiny_decoder.{k}": v for k, v in decoder.state_dict().items()}}
+    # an avatar that already has a tiny decoder (of any shape) has it replaced, not merged
+    own = {k: v for k, v in avatar.state_dict().items() if not k.startswith("tiny_decoder.")}
+    state = {**own, **{f"tiny_decoder.{k}": v for k, v in decoder.state_dict().items()}}
     new.load_state_dict(state, strict=True, assign=True)
     return new.save_pretrained(out)

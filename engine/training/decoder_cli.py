@@ -9,6 +9,7 @@ import json
 from ..command_options import AVATAR_HELP, positive_int
 
 DEFAULT_BLOCKS = "3,3,1"
+DEFAULT_CHANNELS = "24"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "from beside the VAE encoder's (default: ddim:1,ddim:2)")
     p.add_argument("--target", default="images", choices=["images", "vae", "both"],
                    help="decode toward the truth images, the VAE decoder's images, or both (default: images)")
-    p.add_argument("--channels", type=positive_int, default=24, help="channels of every stage (default: 24)")
+    p.add_argument("--channels", default=None, help="the width of every stage, or one width per stage, lowest "
+                   f"resolution first (default: {DEFAULT_CHANNELS} for a VAE that downsamples by 4, TAESD's 64 for 8)")
     p.add_argument("--blocks", default=None, help="residual blocks per stage, one stage per resolution (default: "
                    f"{DEFAULT_BLOCKS} for a VAE that downsamples by 4, TAESD's 3,3,3,1 for 8)")
     p.add_argument("--frames", type=positive_int, default=600, help="training frames (default: 600)")
@@ -51,13 +53,16 @@ def run(args: argparse.Namespace) -> None:
     check_writable(args.out, "the avatar folder", folder=True)
     avatar = load_avatar(args.avatar)
     vae = avatar.config.vae
-    text = args.blocks or (DEFAULT_BLOCKS if vae.downsample == 4 else ",".join(["3"] * (vae.downsample.bit_length()
-                                                                                      - 1) + ["1"]))
+    demo_scale = vae.downsample == 4
+    blocks = _integers("--blocks", args.blocks or (DEFAULT_BLOCKS if demo_scale else
+                                                   ",".join(["3"] * (vae.downsample.bit_length() - 1) + ["1"])))
+    widths = _integers("--channels", args.channels or (DEFAULT_CHANNELS if demo_scale else "64"))
     try:
-        blocks = tuple(int(b) for b in text.split(","))
-    except ValueError:
-        raise ConfigError(f"--blocks {text!r}: give comma-separated block counts, e.g. {DEFAULT_BLOCKS}") from None
-    shape = TinyDecoderConfig(latent_channels=vae.latent_channels, channels=args.channels, blocks=blocks)
+        shape = TinyDecoderConfig(latent_channels=vae.latent_channels, channels=widths[0] if len(widths) == 1
+                                  else widths, blocks=blocks)
+    except ConfigError as e:
+        shown = f"--channels {','.join(map(str, widths))} --blocks {','.join(map(str, blocks))}"
+        raise ConfigError(f"{shown}: {e}") from None
     recipes = tuple(f"{r.sampler}:{r.steps}" for r in parse_recipes(args.recipes))
     config = DistillConfig(decoder=shape, recipes=recipes, target=args.target, frames=args.frames, steps=args.steps,
                            batch_size=args.batch_size, crop=args.crop, lr=args.lr, seed=args.seed)
@@ -69,3 +74,16 @@ def run(args: argparse.Namespace) -> None:
         return
     print(json.dumps(out["result"], indent=1))
     print(f"wrote {args.out} (the avatar with its tiny decoder)")
+
+
+def _integers(flag: str, text: str) -> tuple[int, ...]:
+    """Comma-separated positive integers (`4,3,1`); a ConfigError naming `flag` otherwise."""
+    from ..errors import ConfigError
+
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise ConfigError(f"{flag} {text!r}: give comma-separated positive integers, e.g. 3,3,1")
+    return values
