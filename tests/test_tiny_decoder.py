@@ -12,7 +12,7 @@ from engine.model import Avatar
 from engine.recipe import TinyDecoderConfig
 from engine.schema import build_dataclass
 from engine.tiny_decoder import build_tiny_decoder
-from engine.training.decoder import write_avatar
+from engine.training.decoder import DistillConfig, distill_decoder, write_avatar
 
 
 def test_a_uniform_width_decoder_is_diffusers_decoder_tiny():
@@ -61,6 +61,21 @@ def test_a_retrained_decoder_of_another_shape_replaces_the_old_one(tmp_path):
     assert loaded.config.tiny_decoder == shape
     for key, value in decoder.state_dict().items():
         torch.testing.assert_close(loaded.tiny_decoder.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_a_fresh_run_remakes_a_bank_made_with_other_settings(tmp_path):
+    config = from_preset("tiny").replace(head_model="synthetic", synthetic_version=1)
+    avatar = Avatar(config, seed=1)
+    shape = TinyDecoderConfig(latent_channels=4, channels=4, blocks=(1, 1, 1, 1))
+    first = DistillConfig(decoder=shape, recipes=(), frames=2, steps=1, batch_size=1, crop=4)
+    distill_decoder(avatar, tmp_path / "run", first, held_out=1)
+    (tmp_path / "run" / "distill" / "checkpoint.pt").unlink()
+    # the old bank holds 2 frames and no VAE images; this run needs 3 frames with them
+    second = DistillConfig(decoder=shape, recipes=(), target="vae", frames=3, steps=1, batch_size=1, crop=4)
+    assert distill_decoder(avatar, tmp_path / "run", second, held_out=1)["done"]
+    bank = torch.load(tmp_path / "run" / "distill" / "bank.pt", weights_only=True)
+    assert bank["images"].shape[0] == 3 and bank["vae_images"].shape[:2] == (1, 3)
+    assert bank["made_by"]["frames"] == 3 and bank["made_by"]["vae_images"]
 
 
 @pytest.mark.parametrize("flags, message", [(["--channels", "8,4"], "2 widths for 4 stages"),

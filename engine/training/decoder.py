@@ -5,6 +5,7 @@ Run folder (`<out>/distill/`):
                      latents of them (posterior mean x scaling factor) and the latents each `recipes` entry renders
                      for the same camera and code (the final latents of `Renderer.latents`), and, for
                      `target` "vae"/"both", the VAE decoder's images of every latent
+                     ("made_by": the settings it was made with; a bank made with others is made again)
     checkpoint.pt    decoder + optimiser + step (written every `checkpoint_every` steps and when stopping)
     log.jsonl        one JSON object per logged step; result.json: the held-out comparison at the end
 Then `<out>` itself becomes the avatar folder: the avatar's networks plus the trained tiny decoder
@@ -170,11 +171,11 @@ def distill_decoder(avatar, out: str | Path, config: DistillConfig, *, data=None
         decoder.load_state_dict(state["decoder"])
         optimiser.load_state_dict(state["optimiser"])
         step = int(state["step"])
-    if bank_path.exists():
-        bank = torch.load(bank_path, map_location="cpu", weights_only=True)
-    else:
+    made_by = bank_settings(config, data)
+    bank = _load_bank(bank_path, made_by)
+    if bank is None:
         frames = training_frames(avatar, config.frames, config.seed, data)
-        bank = make_bank(avatar, frames, config.recipes, config.target != "images")
+        bank = {**make_bank(avatar, frames, config.recipes, config.target != "images"), "made_by": made_by}
         with atomic_path(bank_path) as tmp:
             torch.save(bank, tmp)
     factor = avatar.config.vae.downsample
@@ -210,6 +211,23 @@ def distill_decoder(avatar, out: str | Path, config: DistillConfig, *, data=None
     (run / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     write_avatar(avatar, decoder, config.decoder, out, record)
     return {"done": True, "step": step, "result": result}
+
+
+def bank_settings(config: DistillConfig, data) -> dict:
+    """What a bank's contents depend on; a bank made with other settings is made again."""
+    return {"frames": config.frames, "seed": config.seed, "recipes": list(config.recipes),
+            "vae_images": config.target != "images", "data": None if data is None else str(Path(data).resolve())}
+
+
+def _load_bank(path: Path, made_by: dict) -> dict | None:
+    """The bank at `path` if it was made with the settings `made_by`, else None (saying why when one is there)."""
+    if not path.exists():
+        return None
+    bank = torch.load(path, map_location="cpu", weights_only=True)
+    if bank.get("made_by") == made_by:
+        return bank
+    tqdm.write(f"{path} was made with other settings ({bank.get('made_by', 'unrecorded')}); making it again")
+    return None
 
 
 def _save_checkpoint(path: Path, decoder, optimiser, step: int, config: DistillConfig) -> None:
