@@ -171,11 +171,11 @@ def distill_decoder(avatar, out: str | Path, config: DistillConfig, *, data=None
         decoder.load_state_dict(state["decoder"])
         optimiser.load_state_dict(state["optimiser"])
         step = int(state["step"])
-    made_by = bank_settings(config, data)
+    made_by = _bank_settings(config, data)
     bank = _load_bank(bank_path, made_by)
     if bank is None:
         frames = training_frames(avatar, config.frames, config.seed, data)
-        bank = {**make_bank(avatar, frames, config.recipes, config.target != "images"), "made_by": made_by}
+        bank = {**make_bank(avatar, frames, config.recipes, made_by["vae_images"]), "made_by": made_by}
         with atomic_path(bank_path) as tmp:
             torch.save(bank, tmp)
     factor = avatar.config.vae.downsample
@@ -213,7 +213,7 @@ def distill_decoder(avatar, out: str | Path, config: DistillConfig, *, data=None
     return {"done": True, "step": step, "result": result}
 
 
-def bank_settings(config: DistillConfig, data) -> dict:
+def _bank_settings(config: DistillConfig, data) -> dict:
     """What a bank's contents depend on; a bank made with other settings is made again."""
     return {"frames": config.frames, "seed": config.seed, "recipes": list(config.recipes),
             "vae_images": config.target != "images", "data": None if data is None else str(Path(data).resolve())}
