@@ -1,6 +1,7 @@
 """The tiny decoder's per-stage widths (issue 14): a uniform-width one is diffusers' `DecoderTiny`, a narrowing one has
 the hand-counted shape, and its avatar folder round-trips."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers.models.autoencoders.vae import DecoderTiny
@@ -8,11 +9,12 @@ from diffusers.models.autoencoders.vae import DecoderTiny
 from engine.cli import main
 from engine.config import from_preset
 from engine.errors import ConfigError
+from engine.evaluation.held_out import training_rig
 from engine.model import Avatar
 from engine.recipe import TinyDecoderConfig
 from engine.schema import build_dataclass
 from engine.tiny_decoder import build_tiny_decoder
-from engine.training.decoder import DistillConfig, distill_decoder, write_avatar
+from engine.training.decoder import DistillConfig, distill_decoder, training_frames, write_avatar
 
 
 def test_a_uniform_width_decoder_is_diffusers_decoder_tiny():
@@ -85,4 +87,33 @@ def test_cli_refuses_a_bad_decoder_shape(flags, message, tmp_path, capsys):
     assert main(["distill-decoder", "--avatar", "tiny", "--out", str(tmp_path / "out"), *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("avatar distill-decoder: error:") and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def _nearest_rig_angle(camera, rig) -> float:
+    d = camera.center.double().numpy() / np.linalg.norm(camera.center.double().numpy())
+    return min(float(np.arccos(np.clip(d @ (c.center.double().numpy() / np.linalg.norm(c.center.double().numpy())),
+                                       -1, 1))) for c in rig)
+
+
+def test_around_cameras_lie_between_the_rigs_within_half_its_spacing():
+    avatar = Avatar(from_preset("tiny").replace(head_model="synthetic", synthetic_version=1), seed=1)
+    rig = training_rig(avatar.config)
+    # the spacing by its definition: the median over cameras of the angle to the nearest other camera
+    spacing = float(np.median([_nearest_rig_angle(c, [o for o in rig if o is not c]) for c in rig]))
+    on_rig = [_nearest_rig_angle(f.camera, rig) for f in training_frames(avatar, 6, seed=3)]
+    around = training_frames(avatar, 6, seed=3, cameras="around")
+    angles = [_nearest_rig_angle(f.camera, rig) for f in around]
+    assert max(on_rig) < 1e-5
+    assert max(angles) <= spacing / 2 + 1e-5 and sum(a > 1e-3 for a in angles) >= 5
+    for f in around:  # a turn about the head's centre keeps the distance to it and the view on it
+        assert abs(float(f.camera.center.norm()) - float(rig[0].center.norm())) < 1e-4
+        assert f.image.shape[-1] == avatar.config.image_size and f.mask.sum() > 0
+
+
+def test_cli_refuses_around_cameras_for_a_dataset(tmp_path, capsys):
+    assert main(["distill-decoder", "--avatar", "tiny", "--out", str(tmp_path / "out"), "--data", str(tmp_path),
+                 "--cameras", "around"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("avatar distill-decoder: error:") and "a dataset's frames keep their own cameras" in err
     assert not (tmp_path / "out").exists()

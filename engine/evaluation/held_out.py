@@ -60,10 +60,8 @@ def held_out_cameras(rig: list[Camera]) -> list[Camera]:
     """Cameras between the `rig`'s that none of them sees from: each rig camera turned in yaw by half the rig's
     median nearest-neighbour angle, to whichever side lies farther from every rig camera; kept when that is at
     least a quarter of the angle (so all sit between training views, none on one)."""
-    centres = torch.stack([c.center.double() for c in rig])
-    directions = centres / centres.norm(dim=1, keepdim=True)
-    angles = torch.arccos((directions @ directions.T).clamp(-1, 1)).fill_diagonal_(math.pi)
-    spacing = float(angles.min(dim=1).values.median()) if len(rig) > 1 else math.radians(10.0)
+    directions = _directions(rig)
+    spacing = rig_spacing(rig)
 
     def clearance(cam: Camera) -> float:
         d = cam.center.double() / cam.center.double().norm()
@@ -75,6 +73,21 @@ def held_out_cameras(rig: list[Camera]) -> list[Camera]:
         if clearance(best) >= spacing / 4:
             held.append(best)
     return held
+
+
+def rig_spacing(rig: list[Camera]) -> float:
+    """The rig's median angle (radians, seen from the head's centre) between a camera and its nearest neighbour;
+    10 degrees for a single camera."""
+    if len(rig) < 2:
+        return math.radians(10.0)
+    directions = _directions(rig)
+    angles = torch.arccos((directions @ directions.T).clamp(-1, 1)).fill_diagonal_(math.pi)
+    return float(angles.min(dim=1).values.median())
+
+
+def _directions(rig: list[Camera]) -> torch.Tensor:
+    centres = torch.stack([c.center.double() for c in rig])
+    return centres / centres.norm(dim=1, keepdim=True)
 
 
 def synthetic_frames(avatar, frames: int) -> tuple[list[HeldOutFrame], list[HeldOutFrame]]:

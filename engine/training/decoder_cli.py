@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "from beside the VAE encoder's (default: ddim:1,ddim:2)")
     p.add_argument("--target", default="images", choices=["images", "vae", "both"],
                    help="decode toward the truth images, the VAE decoder's images, or both (default: images)")
+    p.add_argument("--cameras", default="rig", choices=["rig", "around"],
+                   help="without --data: the training rig's cameras, or those cameras each turned in yaw by a random "
+                   "angle up to half the rig's spacing (views between the rig's, like the held-out ones; default: rig)")
     p.add_argument("--channels", default=None, help="the width of every stage, or one width per stage, lowest "
                    f"resolution first (default: {DEFAULT_CHANNELS} for a VAE that downsamples by 4, TAESD's 64 for 8)")
     p.add_argument("--blocks", default=None, help="residual blocks per stage, one stage per resolution (default: "
@@ -64,7 +67,8 @@ def run(args: argparse.Namespace) -> None:
         shown = f"--channels {','.join(map(str, widths))} --blocks {','.join(map(str, blocks))}"
         raise ConfigError(f"{shown}: {e}") from None
     recipes = tuple(f"{r.sampler}:{r.steps}" for r in parse_recipes(args.recipes))
-    config = DistillConfig(decoder=shape, recipes=recipes, target=args.target, frames=args.frames, steps=args.steps,
+    config = DistillConfig(decoder=shape, recipes=recipes, target=args.target, cameras=args.cameras,
+                           frames=args.frames, steps=args.steps,
                            batch_size=args.batch_size, crop=args.crop, lr=args.lr, seed=args.seed)
     record = parse_recipe(args.record) if args.record else None
     out = distill_decoder(avatar, args.out, config, data=args.data, resume=args.resume, record=record,
