@@ -173,8 +173,8 @@ def test_the_shipped_demo_carries_its_recipe_and_tiny_decoder():
     from engine.avatars import SHIPPED, resolve_avatar
 
     config = resolve_avatar("demo").config()
-    assert config.recipe == Recipe("ddim", 2, "vae")  # README, "The real-time recipe": why not the tiny decoder
-    assert config.tiny_decoder == TinyDecoderConfig(latent_channels=4, channels=24, blocks=(3, 3, 1))
+    assert config.recipe == Recipe("ddim", 1, "tiny")  # README, "The real-time recipe": why DDIM 1 + tiny
+    assert config.tiny_decoder == TinyDecoderConfig(latent_channels=4, channels=(48, 16, 8), blocks=(4, 3, 1))
     assert sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file()) <= 30 * 2**20
 
 
