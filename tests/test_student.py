@@ -12,7 +12,7 @@ from engine.errors import CheckpointError, ConfigError
 from engine.evaluation.held_out import dataset_frames
 from engine.metrics import psnr, sharpness
 from engine.model import Avatar
-from engine.recipe import Recipe
+from engine.recipe import Recipe, TinyDecoderConfig
 from engine.renderer import Renderer
 from engine.sampling import FixedNoise, NoiseSchedule, make_sampler
 from engine.sequence import orbit
@@ -116,6 +116,14 @@ def test_bad_arguments(teacher, tmp_path, capsys):
     wrong.unet.conv_in = torch.nn.Conv2d(wrong.unet.conv_in.in_channels, 8, 3)
     with pytest.raises(ConfigError, match="does not match its teacher's structure"):
         check_structure(wrong, teacher)
+    # a tiny decoder is trained apart from the denoiser: a student with another one, or none, still matches
+    vae = teacher.config.vae
+    blocks = (1,) * (vae.downsample.bit_length())  # one stage per resolution: log2(downsample) upsamplings
+    other = Avatar(teacher.config.replace(tiny_decoder=TinyDecoderConfig(vae.latent_channels, 8, blocks)), seed=3)
+    check_structure(other, teacher)
+    other.unet.conv_in = torch.nn.Conv2d(other.unet.conv_in.in_channels, 8, 3)
+    with pytest.raises(ConfigError, match=r"\(2 tensors differ, e.g. 'unet.conv_in.bias'\)"):
+        check_structure(other, teacher)
 
 
 def test_compare_scores_the_datasets_held_out_frames_against_the_reference(teacher, tmp_path):

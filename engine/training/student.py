@@ -110,12 +110,18 @@ def check_teacher(teacher) -> None:
 
 
 def check_structure(student, teacher) -> None:
-    """ConfigError unless `student` has the teacher's structure (config shapes and every tensor's shape)."""
-    a, b = student.state_dict(), teacher.state_dict()
+    """ConfigError unless `student` has the teacher's structure (every tensor's shape) outside the tiny decoder:
+    distillation trains the denoiser, and a tiny decoder is trained apart (`avatar distill-decoder`), so either may
+    have one of any shape, or none."""
+    a, b = (_without_tiny_decoder(m.state_dict()) for m in (student, teacher))
     wrong = sorted(set(a) ^ set(b)) + sorted(k for k in set(a) & set(b) if a[k].shape != b[k].shape)
     if wrong:
         raise ConfigError(f"the student does not match its teacher's structure ({len(wrong)} tensors differ, e.g. "
                           f"{wrong[0]!r}); distil from the teacher it was made of, or start another --out")
+
+
+def _without_tiny_decoder(state: dict) -> dict:
+    return {k: v for k, v in state.items() if not k.startswith("tiny_decoder.")}
 
 
 def distill_student(teacher, out: str | Path, config: StudentConfig, *, data=None, resume: bool = False,
