@@ -9,7 +9,7 @@ from engine.cli import main
 from engine.config import from_preset
 from engine.data.synthetic_dataset import write_synthetic_dataset
 from engine.errors import CheckpointError, ConfigError
-from engine.evaluation.held_out import dataset_frames
+from engine.evaluation.held_out import dataset_frames, synthetic_frames
 from engine.metrics import psnr, sharpness
 from engine.model import Avatar
 from engine.recipe import Recipe, TinyDecoderConfig
@@ -145,12 +145,38 @@ def test_compare_scores_the_datasets_held_out_frames_against_the_reference(teach
     assert result["vs_truth_db"]["autoencoder"] == pytest.approx(float(psnr(again, truth).mean()), abs=1e-3)
 
 
+def test_a_reference_with_the_tiny_decoder_is_decoded_by_it_everywhere(teacher, tmp_path):
+    """`--teacher-recipe ...+tiny`: the reference, the few-step rows, the autoencoder row and the student's recipe
+    all use the teacher's tiny decoder. Its last conv zeroed with bias 0.25 outputs 2 * 0.25 - 1 everywhere
+    (DecoderTiny maps [0, 1] to [-1, 1]): a flat 0.25 image, whose Laplacian is 0 and whose PSNR against the truth
+    is computed here."""
+    config = StudentConfig(steps=1, iterations=2, **{**FAST, "teacher_recipe": "ddim:3+tiny"})
+    assert config.decoder == "tiny" and StudentConfig(steps=1, **FAST).decoder == "vae"
+    with pytest.raises(ConfigError, match="has no tiny decoder"):
+        distill_student(teacher, tmp_path / "none", config, held_out=0)
+    assert not (tmp_path / "none").exists()
+    vae = teacher.config.vae
+    shape = TinyDecoderConfig(vae.latent_channels, 8, (1,) * vae.downsample.bit_length())
+    tiny = Avatar(teacher.config.replace(tiny_decoder=shape), seed=1)
+    last = tiny.tiny_decoder.layers[-1]
+    with torch.no_grad():
+        last.weight.zero_(), last.bias.fill_(0.25)
+    result = compare(tiny, tiny, config, 2)
+    assert result["decoder"] == "tiny"
+    assert all(result["sharpness"][k] == 0 for k in ("reference", "teacher_ddim1", "student", "autoencoder"))
+    held = synthetic_frames(tiny, 2)[0]
+    truth = torch.stack([f.image for f in held])
+    flat = psnr(torch.full_like(truth, 0.25), truth).mean()
+    assert result["vs_truth_db"]["reference"] == pytest.approx(float(flat), abs=1e-3)
+    assert distill_student(tiny, tmp_path / "s", config, held_out=0)["done"]
+    assert str(Avatar.from_pretrained(tmp_path / "s").config.recipe) == "ddim:1+tiny"
+
+
 def test_the_shipped_demo_student_is_closer_to_the_demos_reference_than_its_ddim1():
     """engine/avatars/demo-student (`avatar distill --teacher demo --steps 1`, stored in float16): the demo's
     structure, its own recipe DDIM 1, and on held-out frames closer to the demo's DDPM-20 frames (its reference)
     than the demo's DDIM 1, without losing ground truth (issue 17's bar for the demo)."""
     from engine.avatars import load_avatar
-    from engine.evaluation.held_out import synthetic_frames
     from engine.recipe import parse_recipe
 
     demo, student = load_avatar("demo"), load_avatar("demo-student")

@@ -8,6 +8,9 @@ latent and learns
 
     |z_s - z_t|^2 + image_weight * |D(z_s) - D(z_t)|^2        (D: the teacher's frozen decoder, [-1, 1] units)
 
+D is the decoder `teacher_recipe` names (`ddpm:20` the VAE's, `ddpm:20+tiny` the teacher's trained tiny decoder): the
+reference frames are that recipe's, decoder included, and the student's recipe decodes with the same one.
+
 Only the ControlNet and the UNet train; the neural textures, the expression projection and the VAE stay the
 teacher's, so the condition and the tokens of a frame are the teacher's and one conditioner serves both.
 
@@ -16,7 +19,7 @@ Run folder `<out>/student-run/`:
                         regenerated from the seed: the head model's or the dataset's)
     checkpoints/step-N/ accelerate state: the student's networks, the optimiser, RNG, the step (`TrainState`)
     log.jsonl           one JSON object per logged step
-Then `<out>` is the student avatar folder, recording its recipe (DDIM `steps` + the teacher's decoder) and
+Then `<out>` is the student avatar folder, recording its recipe (DDIM `steps` + the reference's decoder) and
 `distilled.json` (teacher, settings, held-out figures).
 """
 
@@ -75,14 +78,22 @@ class StudentConfig:
         if not (self.lr > 0 and math.isfinite(self.lr)) or not self.image_weight >= 0:
             raise ConfigError(f"lr must be positive and image_weight at least 0, got {self.lr}, {self.image_weight}")
 
+    @property
+    def decoder(self) -> str:
+        """The decoder of the reference frames, the image term and the student's recipe ("vae" or "tiny")."""
+        return parse_recipe(self.teacher_recipe).decoder
+
 
 class StudentModule(nn.Module):
     """The student avatar and its loss: forward(condition, tokens, target latents) -> scalar loss (inside forward,
-    as DDP needs). The sampler and the fixed noise are the student's recipe's."""
+    as DDP needs). The sampler and the fixed noise are the student's recipe's; `decoder` the image term's ("vae" or
+    "tiny", frozen)."""
 
-    def __init__(self, student, sampler, noise, image_weight: float):
+    def __init__(self, student, sampler, noise, image_weight: float, decoder: str = "vae"):
         super().__init__()
+        student.check_decoder(decoder)
         self.avatar, self.sampler, self.noise, self.image_weight = student, sampler, noise, image_weight
+        self.decoder = decoder
 
     def latents(self, condition: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         from ..sampling import denoise
@@ -95,7 +106,8 @@ class StudentModule(nn.Module):
         latent = self.latents(condition, tokens)
         loss = F.mse_loss(latent, target)
         if self.image_weight > 0:
-            loss = loss + self.image_weight * F.mse_loss(self.avatar.decode(latent), self.avatar.decode(target))
+            decode = self.avatar.decode
+            loss = loss + self.image_weight * F.mse_loss(decode(latent, self.decoder), decode(target, self.decoder))
         return loss
 
 
@@ -137,6 +149,7 @@ def distill_student(teacher, out: str | Path, config: StudentConfig, *, data=Non
     from ..sampling import FixedNoise, NoiseSchedule, make_sampler
 
     check_teacher(teacher)
+    teacher.check_decoder(config.decoder)  # before anything is written: a +tiny reference needs a tiny decoder
     out, run = Path(out), Path(out) / RUN
     if latest_checkpoint(run) is not None and not resume:
         raise CheckpointError(f"{run} holds a run already; pass --resume to go on with it, or choose another --out")
@@ -168,7 +181,7 @@ def distill_student(teacher, out: str | Path, config: StudentConfig, *, data=Non
     sampler = make_sampler("ddim", NoiseSchedule(teacher.config.schedule), config.steps)
     shape = (teacher.config.vae.latent_channels, teacher.config.latent_size, teacher.config.latent_size)
     noise = FixedNoise(shape, config.steps, teacher.config.noise_seed).to(device)
-    module = StudentModule(student, sampler, noise, config.image_weight).train()
+    module = StudentModule(student, sampler, noise, config.image_weight, config.decoder).train()
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
     model, optimizer = accelerator.prepare(module, optimizer)
@@ -202,7 +215,7 @@ def distill_student(teacher, out: str | Path, config: StudentConfig, *, data=Non
     if step < config.iterations:
         return {"done": False, "step": step}
     student = accelerator.unwrap_model(model).avatar.eval().requires_grad_(False).cpu()
-    student.config = student.config.replace(recipe=Recipe("ddim", config.steps, teacher.config.default_recipe.decoder))
+    student.config = student.config.replace(recipe=Recipe("ddim", config.steps, config.decoder))
     result = compare(teacher, student, config, held_out, data) if held_out else {}
     student.save_pretrained(out)
     record = {"teacher": teacher.config.name, "settings": settings, "held_out": result}
@@ -243,7 +256,8 @@ def compare(teacher, student, config: StudentConfig, frames: int, data=None) -> 
     """Held-out frames (the dataset `data`'s eval split, whose truth carries its per-frame detail; else the avatar's
     held-out cameras and codes from its synthetic head): PSNR of the student's and of the teacher's own DDIM-`steps`
     images against the teacher's reference images, and each one's sharpness (variance of the Laplacian inside the
-    head mask) beside the reference's, the truth's and the autoencoder's (decode(encode(truth)), the VAE's ceiling)."""
+    head mask) beside the reference's, the truth's and the autoencoder's (decode(encode(truth)), the ceiling of any
+    latent model of this VAE). Every latent is decoded by `config.decoder`, the reference recipe's."""
     from ..evaluation.held_out import dataset_frames, synthetic_frames
 
     if data is not None:
@@ -259,10 +273,10 @@ def compare(teacher, student, config: StudentConfig, frames: int, data=None) -> 
     truth = torch.stack([f.image for f in held])
     with torch.no_grad():  # the autoencoder's decode(encode(truth)): the ceiling of any latent model of this VAE
         latents["autoencoder"] = teacher.vae.encode(truth * 2 - 1).latent_dist.mean * teacher.config.vae.scaling_factor
-        images = {k: (teacher.decode(v) / 2 + 0.5).clamp(0, 1) for k, v in latents.items()}
+        images = {k: (teacher.decode(v, config.decoder) / 2 + 0.5).clamp(0, 1) for k, v in latents.items()}
     masks = torch.stack([f.mask for f in held])
     images["truth"] = truth
-    result = {"frames": len(held), "steps": config.steps,
+    result = {"frames": len(held), "steps": config.steps, "decoder": config.decoder,
               "sharpness": {k: round(float(sharpness(v, masks).mean()), 6) for k, v in images.items()},
               "vs_reference_db": {k: round(float(psnr(v, images["reference"]).mean()), 4)
                                   for k, v in images.items() if k not in ("reference", "truth", "autoencoder")},
