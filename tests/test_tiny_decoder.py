@@ -80,6 +80,16 @@ def test_a_fresh_run_remakes_a_bank_made_with_other_settings(tmp_path):
     assert bank["made_by"]["frames"] == 3 and bank["made_by"]["vae_images"]
 
 
+def test_cli_recipes_none_learns_from_the_encoders_latents_only(tmp_path):
+    folder = Avatar(from_preset("tiny").replace(head_model="synthetic", synthetic_version=1), seed=1).save_pretrained(
+        tmp_path / "avatar")
+    assert main(["distill-decoder", "--avatar", str(folder), "--out", str(tmp_path / "out"), "--recipes", "none",
+                 "--channels", "4", "--blocks", "1,1,1,1", "--frames", "2", "--steps", "1", "--batch-size", "1",
+                 "--crop", "4", "--held-out", "1"]) == 0
+    bank = torch.load(tmp_path / "out" / "distill" / "bank.pt", weights_only=True)
+    assert bank["made_by"]["recipes"] == [] and bank["latents"].shape[:2] == (1, 2)
+
+
 @pytest.mark.parametrize("flags, message", [(["--channels", "8,4"], "2 widths for 4 stages"),
                                             (["--channels", "8,x"], "comma-separated positive integers"),
                                             (["--blocks", "1,0,1,1"], "comma-separated positive integers")])
