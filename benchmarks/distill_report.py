@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from engine.recipe import parse_recipe
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -33,7 +35,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=str(RESULTS / "detail-distill"), help="stem of the .json and .md")
     args = p.parse_args(argv)
     recipes = json.loads(Path(args.recipes).read_text())
-    reference = next(r for r in recipes["recipes"] if r["recipe"].startswith("ddpm:20"))
     walls = {k: float(v) for k, v in _pairs(args.wall).items()}
     students = {}
     for steps, spec in sorted(_pairs(args.student).items()):
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> None:
                            "wall_s": walls.get(steps), "psnr": scored["psnr"], "psnr_mask": scored["psnr_mask"],
                            "gain": scored["neutral"]["gain"], "flicker": scored["flicker"]}
     first = students[min(students)]["held_out"]
+    # the teacher's row of the students' reference recipe (decoder included: ddpm:20 is ddpm:20+vae)
+    teacher_recipe = str(parse_recipe(students[min(students)]["settings"]["teacher_recipe"]))
+    reference = next(r for r in recipes["recipes"] if r["recipe"] == teacher_recipe)
     sharp = first["sharpness"]
     bars = {"reference_sharpness_vs_truth": sharp["reference"] / sharp["truth"],
             "autoencoder_sharpness_vs_truth": sharp["autoencoder"] / sharp["truth"],

@@ -192,3 +192,30 @@ def test_the_shipped_demo_student_is_closer_to_the_demos_reference_than_its_ddim
     reference, ddim1, distilled = images(demo, "ddpm:20"), images(demo, "ddim:1"), images(student, "ddim:1")
     assert psnr(distilled, reference).mean() > psnr(ddim1, reference).mean() + 3
     assert psnr(distilled, truth).mean() >= psnr(ddim1, truth).mean()
+
+
+def test_the_distill_report_takes_the_teachers_row_of_the_students_reference_recipe(tmp_path):
+    """A `+tiny` reference: the teacher's gain and flicker come from its ddpm:20+tiny row, not its ddpm:20+vae one
+    (bar figures by hand: 1.8 / 2.0 = 0.9 gain, 1.2 / 1.0 = 1.2 flicker)."""
+    from benchmarks.distill_report import main as report
+
+    rows = [{"recipe": "ddpm:20+vae", "gain": 4.0, "flicker_ratio": 3.0, "psnr": 25.0, "psnr_mask": 22.0},
+            {"recipe": "ddpm:20+tiny", "gain": 2.0, "flicker_ratio": 1.0, "psnr": 26.0, "psnr_mask": 23.0}]
+    (tmp_path / "recipes.json").write_text(json.dumps({"avatar": "t", "data": "d", "recipes": rows}))
+    held = {"frames": 2, "sharpness": {"reference": 0.5, "autoencoder": 0.8, "truth": 1.0, "student": 0.45,
+                                       "teacher_ddim1": 0.4, "teacher_ddim2": 0.4, "teacher_ddim4": 0.4},
+            "vs_reference_db": {"student": 30.0, "teacher_ddim1": 20.0, "teacher_ddim2": 21.0, "teacher_ddim4": 22.0},
+            "vs_truth_db": {k: 20.0 for k in ("reference", "student", "autoencoder", "teacher_ddim1", "teacher_ddim2",
+                                              "teacher_ddim4")},
+            "student_gain_over_teacher_db": 10.0}
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s1" / "distilled.json").write_text(json.dumps({"settings": {"teacher_recipe": "ddpm:20+tiny"},
+                                                                 "held_out": held}))
+    (tmp_path / "eval.json").write_text(json.dumps({"psnr": 20.0, "psnr_mask": 18.0, "neutral": {"gain": 1.8},
+                                                    "flicker": {"ratio": 1.2}}))
+    report(["--recipes", str(tmp_path / "recipes.json"), "--student", f"1={tmp_path / 's1'},{tmp_path / 'eval.json'}",
+            "--out", str(tmp_path / "r")])
+    bars = json.loads((tmp_path / "r.json").read_text())["bars"]
+    assert bars["student1_expression_gain_vs_teacher"] == pytest.approx(0.9)
+    assert bars["student1_flicker_vs_teacher"] == pytest.approx(1.2)
+    assert bars["reference_sharpness_vs_truth"] == pytest.approx(0.5)
