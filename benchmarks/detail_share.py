@@ -3,10 +3,11 @@
     python -m benchmarks.detail_share --data DIR [--frames 16] [--reference-db DB] [--out STEM]
 
 For the held-out frames `avatar distill --held-out` scores (the eval split, evenly spread), renders each frame's truth
-again without its `DetailField` (the field has zero mean, so that render is the truth's expectation over draws, up to
-the albedo's clamp) and reports the variance of the Laplacian inside the head mask (`engine.metrics.sharpness`, the
-metric of the teacher's sharpness bar; the mask also eroded by 3 px, away from the outline) with and without the
-detail, and the detail's energy: the PSNR of the render without it against the truth (mean over frames).
+again without its `DetailField` (with the dataset's point-spread, if any; the field has zero mean, so that render is
+the truth's expectation over draws, up to the albedo's clamp) and reports the variance of the Laplacian inside the
+head mask (`engine.metrics.sharpness`, the metric of the teacher's sharpness bar; the mask also eroded by 3 px, away
+from the outline) with and without the detail, and the detail's energy: the PSNR of the render without it against
+the truth (mean over frames).
 `--reference-db` (the teacher's DDIM 1 against its reference, dB, from `*distill*.json`) puts the teacher's drawn
 field beside it: DDIM 1 from pure noise is the teacher's conditional mean, so its distance to the reference is the
 reference's field.
@@ -32,7 +33,8 @@ RESULTS = Path(__file__).parent / "results"
 def measure(root: str | Path, frames: int = 16) -> dict:
     """The truth's sharpness with and without its detail, and the detail's energy, on `frames` held-out frames."""
     data = AvatarDataset(root, "eval")
-    detail = json.loads((Path(root) / "dataset.json").read_text()).get("detail")
+    doc = json.loads((Path(root) / "dataset.json").read_text())
+    detail, psf = doc.get("detail"), doc.get("render", {}).get("psf_px", 0.0)
     if not detail:
         raise SystemExit(f"{root} has no per-frame detail (write it with avatar make-data --detail-band LOW,HIGH)")
     head = SyntheticHead()
@@ -40,14 +42,14 @@ def measure(root: str | Path, frames: int = 16) -> dict:
     truth, plain, masks = [], [], []
     for i in picks:
         item = data[int(i)]
-        rgb, _ = head.render(item["camera"], item["expression"], detail=None)
+        rgb, _ = head.render(item["camera"], item["expression"], detail=None, psf=psf)
         plain.append((torch.as_tensor(np.asarray(rgb)).permute(2, 0, 1) * 255).round() / 255)  # 8-bit, as stored
         truth.append((item["image"] + 1) / 2)
         masks.append(item["mask"])
     truth, plain, mask = torch.stack(truth), torch.stack(plain).float(), torch.stack(masks)
     inner = -F.max_pool2d(-mask, 7, 1, 3)
     energy_db = float(psnr(plain, truth).mean())
-    return {"data": str(root), "frames": len(picks), "band_rad_per_m": detail["band_rad_per_m"],
+    return {"data": str(root), "frames": len(picks), "band_rad_per_m": detail["band_rad_per_m"], "psf_px": psf,
             "sharpness": {"truth": float(sharpness(truth, mask).mean()),
                           "without_detail": float(sharpness(plain, mask).mean()),
                           "truth_inner": float(sharpness(truth, inner).mean()),

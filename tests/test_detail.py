@@ -10,7 +10,7 @@ import torch
 from engine.data.dataset import AvatarDataset as Dataset
 from engine.data.synthetic import SyntheticHead, default_camera
 from engine.data.synthetic_dataset import detail_seed, write_synthetic_dataset
-from engine.data.synthetic_look import DETAIL_BAND, DetailField
+from engine.data.synthetic_look import DETAIL_BAND, DetailField, gaussian_blur
 from engine.errors import InputError
 from engine.metrics import sharpness
 
@@ -108,4 +108,41 @@ def test_a_detail_band_is_drawn_and_recorded_and_a_bad_one_refused(tmp_path):
     for band in ((300, 100), (0, 10), (float("nan"), 5), (1, 2, 3)):
         with pytest.raises(InputError, match="detail_band"):
             write_synthetic_dataset(tmp_path / "bad", detail_band=band, **kwargs)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_point_spread_blur_attenuates_a_sinusoid_as_the_gaussians_transform():
+    # a Gaussian of standard deviation s multiplies a sinusoid of angular frequency w by exp(-s^2 w^2 / 2) (its
+    # Fourier transform; sampling at s = 1 aliases by < 1e-6, truncating at 3 s drops 0.3% of the weight)
+    w, s = 2 * math.pi / 8, 1.0
+    x = torch.arange(64, dtype=torch.float64)
+    image = (0.5 + 0.25 * torch.sin(w * x)).expand(1, 3, 40, 64).clone()
+    blurred = gaussian_blur(image, s)
+    inner = blurred[..., 8:-8, 8:-8] - 0.5
+    amplitude = float(inner.pow(2).mean().sqrt()) * math.sqrt(2) / 0.25
+    assert amplitude == pytest.approx(math.exp(-(s * w) ** 2 / 2), rel=1e-2)
+    assert torch.allclose(gaussian_blur(torch.full((1, 3, 9, 9), 0.7), 2.5), torch.full((1, 3, 9, 9), 0.7))
+
+
+def test_a_psf_blurs_the_image_not_the_mask_and_is_recorded(tmp_path):
+    head, cam = SyntheticHead(), default_camera(48)
+    sharp, alpha = head.render(cam, None)
+    soft, soft_alpha = head.render(cam, None, psf=1.0)
+    assert torch.equal(alpha, soft_alpha)  # the head's coverage stays as rasterised
+    want = gaussian_blur(sharp.permute(2, 0, 1)[None], 1.0)[0].permute(1, 2, 0)
+    assert torch.allclose(soft, want, atol=1e-6)
+    assert float(sharpness(soft, alpha)) < 0.5 * float(sharpness(sharp, alpha))
+    kwargs = dict(sequences=2, frames_per_sequence=1, cameras=1, size=24, eval_cameras=0, eval_sequences=0,
+                  progress=False)
+    write_synthetic_dataset(tmp_path / "psf", psf=1.0, **kwargs)
+    data = Dataset(tmp_path / "psf")
+    assert data.index.doc["render"] == {"supersample": 2, "psf_px": 1.0}
+    want, _ = head.render(data.cameras["cam00"], data.expression("seq001", 0), psf=1.0)
+    got, _ = data.index.image("seq001", "cam00", 0)
+    assert ((got + 1) / 2 - want.permute(2, 0, 1)).abs().max() <= 0.5 / 255 + 1e-6
+    for bad in (-0.5, float("nan"), 9, True, "1"):
+        with pytest.raises(InputError, match="psf must be"):
+            write_synthetic_dataset(tmp_path / "bad", psf=bad, **kwargs)
+        with pytest.raises(InputError, match="psf must be"):
+            head.render(cam, None, psf=bad)
     assert not (tmp_path / "bad").exists()

@@ -23,7 +23,7 @@ Format (version 1)
      "topology": "topology.npz" | null,
      "sequences": {"<seq>": {"frames": T}, ...},
      "split": {"eval_cameras": [...], "eval_sequences": [...]},
-     "detail": {...}}                                      # optional: per-frame texture the mesh does not determine
+     "detail": {...}, "render": {...}}      # optional: per-frame texture the mesh does not determine; how it rendered
 
 Names of cameras and sequences are file names: letters, digits, `_`, `-`, `+` and `.`. Frames are numbered
 0..T-1; a sequence entry may also hold `"source_frames": [T ints]`, the frame numbers in the source data.

@@ -168,17 +168,20 @@ class SyntheticHead:
         return rig.rest.with_vertices(v, vertex_normals(v, rig.rest.faces))
 
     def render(self, camera: Camera, expression: torch.Tensor | None = None, supersample: int = 2,
-               detail: DetailField | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               detail: DetailField | None = None, psf: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Ground truth: rgb [H, W, 3] float32 in [0, 1] over a white background and alpha [H, W] float32 in
         [0, 1] (CPU) at the camera's resolution, anti-aliased by rendering `supersample` x larger; `detail`: the
-        frame's fine texture (`synthetic_look.DetailField`), none by default."""
+        frame's fine texture (`synthetic_look.DetailField`), none by default; `psf`: the standard deviation in
+        pixels of a Gaussian point-spread blurring rgb, as a camera's optics do (0: none)."""
         if not isinstance(camera, Camera):
             raise InputError(f"render needs an engine.geometry.Camera, got {type(camera).__name__}")
         if not isinstance(supersample, int) or not 1 <= supersample <= 8:
             raise InputError(f"supersample must be an integer in [1, 8], got {supersample!r}")
         if detail is not None and not isinstance(detail, DetailField):
             raise InputError(f"detail must be an engine.data.synthetic_look.DetailField, got {type(detail).__name__}")
-        return render_mesh(self.posed_mesh(expression), camera, supersample, detail)
+        if isinstance(psf, bool) or not isinstance(psf, (int, float)) or not 0 <= psf <= 8:
+            raise InputError(f"psf must be a blur in pixels in [0, 8], got {psf!r}")
+        return render_mesh(self.posed_mesh(expression), camera, supersample, detail, float(psf))
 
     def __repr__(self) -> str:
         rest = self._rig.rest

@@ -90,13 +90,15 @@ def detail_seed(seed: int, sequence: int, frame: int) -> int:
 def write_synthetic_dataset(root: str | Path, sequences: int = 12, frames_per_sequence: int = 24, cameras: int = 12,
                             size: int = 128, eval_cameras: int = 1, eval_sequences: int = 2, seed: int = 0,
                             progress: bool = True, overwrite: bool = False, supersample: int = 2,
-                            detail: bool = False, detail_band: tuple[float, float] | None = None) -> Path:
+                            detail: bool = False, detail_band: tuple[float, float] | None = None,
+                            psf: float = 0.0) -> Path:
     """Render and write a synthetic dataset to `root`; returns the path of its `dataset.json`.
 
     `sequences` x `frames_per_sequence` frames, each seen by `cameras` rig cameras at `size` x `size` pixels; the
     mesh is the synthetic head's (shared topology, per-frame vertices). Cost: sequences x frames x cameras renders.
     `detail_band`: the detail's wave numbers (rad/m; default `synthetic_look.DETAIL_BAND`, sized for 128 px: lower it
-    for smaller images, where the default's 1-2 cm wavelengths fall under two pixels).
+    for smaller images, where the default's 1-2 cm wavelengths fall under two pixels). `psf`: a camera's Gaussian
+    point-spread in pixels (`SyntheticHead.render`), recorded with `supersample` in dataset.json's "render".
     """
     from tqdm import tqdm
 
@@ -106,6 +108,8 @@ def write_synthetic_dataset(root: str | Path, sequences: int = 12, frames_per_se
     band = DETAIL_BAND if detail_band is None else tuple(float(v) for v in detail_band)
     if len(band) != 2 or not all(math.isfinite(v) for v in band) or not 0 < band[0] <= band[1]:
         raise InputError(f"detail_band must be two wave numbers 0 < low <= high (rad/m), got {detail_band!r}")
+    if isinstance(psf, bool) or not isinstance(psf, (int, float)) or not 0 <= psf <= 8:
+        raise InputError(f"psf must be a blur in pixels in [0, 8], got {psf!r}")
     for name, v, lo in (("sequences", sequences, 1), ("frames_per_sequence", frames_per_sequence, 1),
                         ("cameras", cameras, 1), ("size", size, 16), ("eval_cameras", eval_cameras, 0),
                         ("eval_sequences", eval_sequences, 0)):
@@ -125,7 +129,8 @@ def write_synthetic_dataset(root: str | Path, sequences: int = 12, frames_per_se
     curves = expression_sequences(sequences, frames_per_sequence, len(names), seed)
     writer = DatasetWriter(root, cameras=cams, expression_dim=len(names), expression_names=names,
                            topology=head.neutral_mesh(), source="synthetic", synthetic_version=SYNTHETIC_VERSION,
-                           detail=_detail_record(seed, band) if detail else None, overwrite=overwrite)
+                           detail=_detail_record(seed, band) if detail else None, overwrite=overwrite,
+                           render={"supersample": supersample, "psf_px": float(psf)})
     total = sequences * frames_per_sequence * cameras
     with tqdm(total=total, desc="rendering", unit="img", disable=not progress) as bar:
         for s, codes in enumerate(curves):
@@ -135,7 +140,7 @@ def write_synthetic_dataset(root: str | Path, sequences: int = 12, frames_per_se
                 vertices.append(head.posed_mesh(code).vertices.detach().cpu().numpy())
                 field = DetailField.draw(detail_seed(seed, s, t), band=band) if detail else None
                 for cam_name, cam in cams.items():
-                    rgb, alpha = head.render(cam, code, supersample=supersample, detail=field)
+                    rgb, alpha = head.render(cam, code, supersample=supersample, detail=field, psf=psf)
                     writer.write_image(seq, cam_name, t, rgb, alpha)
                     bar.update(1)
             writer.write_sequence(seq, codes, vertices=np.stack(vertices))

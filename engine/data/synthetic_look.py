@@ -8,7 +8,8 @@ under any expression and camera. The one exception is opt-in: a `DetailField`, f
 afresh for each frame (the same in every view of it), which the mesh does not determine, so a diffusion model must
 learn its distribution (the few-step students' test data). `shade` multiplies the albedo by Lambert terms of a key
 light, a fill light and an ambient term fixed in the world (so all views agree) plus a small specular for the eyes,
-lips and teeth. `render_mesh` rasterises, shades, anti-aliases by supersampling and composites over white.
+lips and teeth. `render_mesh` rasterises, shades, anti-aliases by supersampling, composites over white and, if
+asked, blurs by a camera's point-spread.
 """
 
 from __future__ import annotations
@@ -225,12 +226,13 @@ def shade(colour: torch.Tensor, normals: torch.Tensor, part: torch.Tensor, view:
     return (colour * light[:, None] + (gloss * spec)[:, None]).clamp(0, 1)
 
 
-def render_mesh(mesh: Mesh, camera: Camera, supersample: int = 2,
-                detail: DetailField | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def render_mesh(mesh: Mesh, camera: Camera, supersample: int = 2, detail: DetailField | None = None,
+                psf: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Shade `mesh` (canonical 5-D, as built by the synthetic head) seen by `camera`, with a frame's `detail`.
 
     Rasterises at `supersample` x the camera's size and average-pools. Returns rgb [H, W, 3] float32 in [0, 1]
-    composited over white and alpha [H, W] float32 in [0, 1], CPU tensors.
+    composited over white and alpha [H, W] float32 in [0, 1], CPU tensors. `psf` > 0 blurs rgb by a camera's
+    Gaussian point-spread of that standard deviation in pixels (alpha, the head's coverage, stays as rasterised).
     """
     k = supersample
     W, H = camera.width, camera.height
@@ -246,4 +248,18 @@ def render_mesh(mesh: Mesh, camera: Camera, supersample: int = 2,
         img = F.avg_pool2d(img.permute(2, 0, 1)[None], k)[0].permute(1, 2, 0)
         alpha = F.avg_pool2d(alpha[None, None], k)[0, 0]
     rgb = (img + (1 - alpha)[..., None]).clamp(0, 1)
+    if psf > 0:
+        rgb = gaussian_blur(rgb.permute(2, 0, 1)[None], psf)[0].permute(1, 2, 0)
     return rgb.cpu(), alpha.cpu()
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """`images` [B, C, H, W] blurred by a Gaussian of standard deviation `sigma` pixels (separable, truncated at
+    3 sigma, edges replicated: the white background continues past the frame)."""
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).repeat(images.shape[1], 1, 1, 1)
+    padded = F.pad(images, (radius, radius, radius, radius), mode="replicate")
+    rows = F.conv2d(padded, kernel.view(-1, 1, 1, 2 * radius + 1), groups=images.shape[1])
+    return F.conv2d(rows, kernel.view(-1, 1, 2 * radius + 1, 1), groups=images.shape[1])

@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detail-band", type=_band, default=None, metavar="LOW,HIGH",
                    help="wave numbers of the detail in rad/m (implies --detail; default: 400,700, sized for 128 px: "
                         "use about 160,320 at 64 px)")
+    p.add_argument("--psf", type=float, default=0.0, metavar="SIGMA",
+                   help="blur every image by a camera's Gaussian point-spread of SIGMA pixels, as optics do (default: "
+                        "0, none; the detail teacher of the README's few-step students uses 1)")
     p.add_argument("--overwrite", action="store_true", help="write over a non-empty --out folder")
 
 
@@ -46,6 +49,7 @@ def run(args: argparse.Namespace) -> None:
     path = write_synthetic_dataset(args.out, sequences=args.sequences, frames_per_sequence=args.frames,
                                    cameras=args.cameras, size=args.size, eval_cameras=args.eval_cameras,
                                    eval_sequences=args.eval_sequences, seed=args.seed, overwrite=args.overwrite,
-                                   detail=args.detail or args.detail_band is not None, detail_band=args.detail_band)
+                                   detail=args.detail or args.detail_band is not None, detail_band=args.detail_band,
+                                   psf=args.psf)
     print(f"wrote {path.parent} ({args.sequences} sequences x {args.frames} frames x {args.cameras} cameras, "
           f"{args.size}x{args.size}{', per-frame detail' if args.detail or args.detail_band else ''})")

@@ -76,7 +76,8 @@ class DatasetWriter:
     def __init__(self, root: str | os.PathLike, *, cameras: dict[str, Camera], expression_dim: int,
                  expression_names: Sequence[str] | None = None, topology: Mesh | None = None,
                  canonical_dims: int | None = None, source: str | None = None,
-                 synthetic_version: int | None = None, detail: dict | None = None, overwrite: bool = False):
+                 synthetic_version: int | None = None, detail: dict | None = None, render: dict | None = None,
+                 overwrite: bool = False):
         self.root = Path(root)
         if not cameras:
             raise InputError("a dataset needs at least one camera")
@@ -105,6 +106,7 @@ class DatasetWriter:
         self.source = source
         self.synthetic_version = synthetic_version
         self.detail = detail
+        self.render = render
         self.frames: dict[str, int] = {}
         self.source_frames: dict[str, list[int]] = {}
         if topology is not None:
@@ -190,6 +192,7 @@ class DatasetWriter:
                           for seq, T in self.frames.items()},
             "split": {"eval_cameras": list(eval_cameras), "eval_sequences": list(eval_sequences)},
             **({"detail": self.detail} if self.detail is not None else {}),
+            **({"render": self.render} if self.render is not None else {}),
         }
         path = self.root / INDEX_FILE
         write_atomic(path, json.dumps(doc, indent=1).encode())
