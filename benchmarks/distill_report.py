@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> None:
         bars.update({f"student{n}_vs_reference_db": h["vs_reference_db"]["student"],
                      f"student{n}_gain_over_teacher_ddim{n}_db": h["student_gain_over_teacher_db"],
                      f"student{n}_sharpness_vs_reference": h["sharpness"]["student"] / h["sharpness"]["reference"],
-                     f"student{n}_expression_gain_vs_teacher": s["gain"] / reference["gain"],
+                     # a ratio means nothing unless the teacher gains from its codes at all
+                     f"student{n}_expression_gain_vs_teacher": s["gain"] / reference["gain"]
+                     if reference["gain"] > 0 else None,
                      f"student{n}_flicker_vs_teacher": s["flicker"]["ratio"] / reference["flicker_ratio"]})
     result = {"teacher": recipes["avatar"], "data": recipes["data"], "frames": first["frames"],
               "host": {"machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__},
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     for n, s in students.items():
         lines.append(f"| {n}-step student | {s['psnr']:.2f} / {s['psnr_mask']:.2f} dB | {s['gain']:.3f} dB | "
                      f"{s['flicker']['ratio']:.4f} |")
-    lines += ["", "| bar figure | value |", "|---|---|", *(f"| {k} | {v:.3f} |" for k, v in bars.items())]
+    shown = {k: "— (the teacher gains nothing)" if v is None else f"{v:.3f}" for k, v in bars.items()}
+    lines += ["", "| bar figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in shown.items())]
     if walls:
         lines += ["", "Distillation wall times: " + ", ".join(f"{n}-step {w:.0f} s" for n, w in walls.items())]
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
