@@ -179,13 +179,18 @@ class SyntheticHead:
             raise InputError(f"supersample must be an integer in [1, 8], got {supersample!r}")
         if detail is not None and not isinstance(detail, DetailField):
             raise InputError(f"detail must be an engine.data.synthetic_look.DetailField, got {type(detail).__name__}")
-        if isinstance(psf, bool) or not isinstance(psf, (int, float)) or not 0 <= psf <= 8:
-            raise InputError(f"psf must be a blur in pixels in [0, 8], got {psf!r}")
-        return render_mesh(self.posed_mesh(expression), camera, supersample, detail, float(psf))
+        return render_mesh(self.posed_mesh(expression), camera, supersample, detail, check_psf(psf))
 
     def __repr__(self) -> str:
         rest = self._rig.rest
         return f"SyntheticHead(version={self.version}, V={rest.num_vertices}, F={rest.num_faces})"
+
+
+def check_psf(psf: Any) -> float:
+    """A point-spread's standard deviation in pixels, checked: a number in [0, 8]."""
+    if isinstance(psf, bool) or not isinstance(psf, (int, float)) or not 0 <= psf <= 8:
+        raise InputError(f"psf must be a blur in pixels in [0, 8], got {psf!r}")
+    return float(psf)
 
 
 def check_synthetic_version(found: Any, source: str) -> None:

@@ -102,14 +102,13 @@ def write_synthetic_dataset(root: str | Path, sequences: int = 12, frames_per_se
     """
     from tqdm import tqdm
 
-    from .synthetic import SYNTHETIC_VERSION, SyntheticHead, default_rig_cameras
+    from .synthetic import SYNTHETIC_VERSION, SyntheticHead, check_psf, default_rig_cameras
     from .synthetic_look import DETAIL_BAND, DetailField
 
     band = DETAIL_BAND if detail_band is None else tuple(float(v) for v in detail_band)
     if len(band) != 2 or not all(math.isfinite(v) for v in band) or not 0 < band[0] <= band[1]:
         raise InputError(f"detail_band must be two wave numbers 0 < low <= high (rad/m), got {detail_band!r}")
-    if isinstance(psf, bool) or not isinstance(psf, (int, float)) or not 0 <= psf <= 8:
-        raise InputError(f"psf must be a blur in pixels in [0, 8], got {psf!r}")
+    psf = check_psf(psf)
     for name, v, lo in (("sequences", sequences, 1), ("frames_per_sequence", frames_per_sequence, 1),
                         ("cameras", cameras, 1), ("size", size, 16), ("eval_cameras", eval_cameras, 0),
                         ("eval_sequences", eval_sequences, 0)):
@@ -130,7 +129,7 @@ def write_synthetic_dataset(root: str | Path, sequences: int = 12, frames_per_se
     writer = DatasetWriter(root, cameras=cams, expression_dim=len(names), expression_names=names,
                            topology=head.neutral_mesh(), source="synthetic", synthetic_version=SYNTHETIC_VERSION,
                            detail=_detail_record(seed, band) if detail else None, overwrite=overwrite,
-                           render={"supersample": supersample, "psf_px": float(psf)})
+                           render={"supersample": supersample, "psf_px": psf})
     total = sequences * frames_per_sequence * cameras
     with tqdm(total=total, desc="rendering", unit="img", disable=not progress) as bar:
         for s, codes in enumerate(curves):
