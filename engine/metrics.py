@@ -92,7 +92,7 @@ def psnr(pred: Any, target: Any, mask: Any = None, data_range: float = 1.0) -> t
     return out if batched else out[0]
 
 
-def _gaussian_window(size: int, sigma: float, device: torch.device) -> torch.Tensor:
+def gaussian_window(size: int, sigma: float, device: torch.device) -> torch.Tensor:
     """[size] float64: a normalised 1-D Gaussian centred on the middle tap."""
     x = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
     g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
@@ -113,7 +113,7 @@ def ssim(pred: Any, target: Any, data_range: float = 1.0) -> torch.Tensor:
     B, C, H, W = p.shape
     if H < SSIM_WINDOW or W < SSIM_WINDOW:
         raise InputError(f"SSIM needs images of at least {SSIM_WINDOW} x {SSIM_WINDOW} pixels, got {H} x {W}")
-    g = _gaussian_window(SSIM_WINDOW, SSIM_SIGMA, p.device)
+    g = gaussian_window(SSIM_WINDOW, SSIM_SIGMA, p.device)
     kx = g.view(1, 1, 1, -1).expand(C, 1, 1, SSIM_WINDOW)
     ky = g.view(1, 1, -1, 1).expand(C, 1, SSIM_WINDOW, 1)
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..geometry import Camera, Mesh
+from ..metrics import gaussian_window
 from ..raster import rasterize
 from .synthetic_mesh import (
     CANONICAL_SCALE,
@@ -257,9 +258,7 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     """`images` [B, C, H, W] blurred by a Gaussian of standard deviation `sigma` pixels (separable, truncated at
     3 sigma, edges replicated: the white background continues past the frame)."""
     radius = max(1, math.ceil(3 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).repeat(images.shape[1], 1, 1, 1)
+    kernel = gaussian_window(2 * radius + 1, sigma, images.device).to(images.dtype).repeat(images.shape[1], 1, 1, 1)
     padded = F.pad(images, (radius, radius, radius, radius), mode="replicate")
     rows = F.conv2d(padded, kernel.view(-1, 1, 1, 2 * radius + 1), groups=images.shape[1])
     return F.conv2d(rows, kernel.view(-1, 1, 2 * radius + 1, 1), groups=images.shape[1])
